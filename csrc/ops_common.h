@@ -1,0 +1,159 @@
+// Shared argument checks and row-layout logic of the calexnet_fast batch ops (CPU and CUDA).
+//
+// Semantics (identical on both devices; the Python reference twins in calexnet_fast/ops.py match them):
+//   compact(x, mask) -> (rows, index): rows = x[mask] as a new tensor, index = int64 positions of the
+//     true entries in increasing order. Rows keep x's per-row layout when it is contiguous or
+//     channels_last (4-D); any other layout is made contiguous first.
+//   scatter_rows_(out, src, index): out[index[j]] = src[j]. Every index must lie in [0, out.size(0)),
+//     otherwise the op raises before writing anything. With duplicate indices the LAST occurrence wins.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/MemoryFormat.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace calexnet_fast {
+
+using torch::headeronly::MemoryFormat;
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+// A user-facing error: the message names the argument, what was expected and what was given.
+#define CALEX_CHECK(cond, ...)                                              \
+  do {                                                                      \
+    if (!(cond)) {                                                          \
+      std::ostringstream calex_oss_;                                        \
+      calex_oss_ << __VA_ARGS__;                                            \
+      throw std::runtime_error(calex_oss_.str());                           \
+    }                                                                       \
+  } while (0)
+
+inline std::string shape_str(const Tensor& t) {
+  std::ostringstream oss;
+  oss << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) oss << (d ? ", " : "") << t.size(d);
+  oss << "]";
+  return oss.str();
+}
+
+inline std::string dtype_str(const Tensor& t) {
+  return std::string(torch::headeronly::toString(t.scalar_type()));
+}
+
+inline std::string device_str(const Tensor& t) {
+  std::ostringstream oss;
+  if (t.is_cuda()) {
+    oss << "cuda:" << static_cast<int>(t.get_device_index());
+  } else if (t.is_cpu()) {
+    oss << "cpu";
+  } else {
+    oss << "device type " << static_cast<int>(t.get_device());
+  }
+  return oss.str();
+}
+
+inline bool same_device(const Tensor& a, const Tensor& b) {
+  return a.is_cuda() == b.is_cuda() && a.is_cpu() == b.is_cpu() &&
+         a.get_device_index() == b.get_device_index();
+}
+
+inline void check_compact_args(const Tensor& x, const Tensor& mask) {
+  CALEX_CHECK(x.dim() >= 1, "compact: x: expected a tensor with a batch dimension (dim >= 1), got a 0-d tensor");
+  CALEX_CHECK(mask.scalar_type() == ScalarType::Bool,
+              "compact: mask: expected dtype torch.bool, got " << dtype_str(mask));
+  CALEX_CHECK(mask.dim() == 1, "compact: mask: expected a 1-D tensor of shape [" << x.size(0) << "], got shape "
+                                                                                  << shape_str(mask));
+  CALEX_CHECK(mask.size(0) == x.size(0), "compact: mask: expected length " << x.size(0) << " (x.size(0)), got "
+                                                                            << mask.size(0));
+  CALEX_CHECK(same_device(x, mask), "compact: mask: expected device " << device_str(x) << " (that of x), got "
+                                                                      << device_str(mask));
+}
+
+inline void check_scatter_args(const Tensor& out, const Tensor& src, const Tensor& index) {
+  CALEX_CHECK(out.dim() >= 1, "scatter_rows: out: expected a tensor with a batch dimension (dim >= 1), got a 0-d tensor");
+  CALEX_CHECK(same_device(out, src), "scatter_rows: src: expected device " << device_str(out)
+                                                                           << " (that of out), got " << device_str(src));
+  CALEX_CHECK(same_device(out, index), "scatter_rows: index: expected device "
+                                           << device_str(out) << " (that of out), got " << device_str(index));
+  CALEX_CHECK(index.scalar_type() == ScalarType::Long,
+              "scatter_rows: index: expected dtype torch.int64, got " << dtype_str(index));
+  CALEX_CHECK(index.dim() == 1, "scatter_rows: index: expected a 1-D tensor, got shape " << shape_str(index));
+  CALEX_CHECK(src.scalar_type() == out.scalar_type(),
+              "scatter_rows: src: expected dtype " << dtype_str(out) << " (that of out), got " << dtype_str(src));
+  bool trailing_ok = src.dim() == out.dim();
+  for (int64_t d = 1; trailing_ok && d < out.dim(); ++d) trailing_ok = src.size(d) == out.size(d);
+  CALEX_CHECK(trailing_ok, "scatter_rows: out: expected trailing shape matching src "
+                               << shape_str(src) << " (all but the first dimension), got out of shape "
+                               << shape_str(out));
+  CALEX_CHECK(src.size(0) == index.size(0), "scatter_rows: index: expected length " << src.size(0)
+                                                                                    << " (src.size(0)), got "
+                                                                                    << index.size(0));
+}
+
+// Whether every row t[i] is one dense block laid out as `fmt` (the batch stride may be anything).
+inline bool rows_dense_as(const Tensor& t, MemoryFormat fmt) {
+  const int64_t nd = t.dim();
+  std::vector<int64_t> order;  // inner dims from fastest to slowest
+  if (fmt == MemoryFormat::ChannelsLast) {
+    if (nd != 4) return false;
+    order = {1, 3, 2};
+  } else {
+    for (int64_t d = nd - 1; d >= 1; --d) order.push_back(d);
+  }
+  int64_t expected = 1;
+  for (int64_t d : order) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+// The per-row layout to keep: contiguous if the rows are contiguous, channels_last if they are
+// channels_last (and not also contiguous), otherwise none (the caller makes a contiguous copy).
+inline bool row_format(const Tensor& t, MemoryFormat* fmt) {
+  if (rows_dense_as(t, MemoryFormat::Contiguous)) {
+    *fmt = MemoryFormat::Contiguous;
+    return true;
+  }
+  if (rows_dense_as(t, MemoryFormat::ChannelsLast)) {
+    *fmt = MemoryFormat::ChannelsLast;
+    return true;
+  }
+  return false;
+}
+
+inline int64_t row_numel(const Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+inline std::vector<int64_t> sizes_with_batch(const Tensor& t, int64_t n) {
+  std::vector<int64_t> s(t.dim());
+  s[0] = n;
+  for (int64_t d = 1; d < t.dim(); ++d) s[d] = t.size(d);
+  return s;
+}
+
+// A new [n, *t.shape[1:]] tensor like t, dense rows in `fmt`.
+inline Tensor new_rows_like(const Tensor& t, int64_t n, MemoryFormat fmt) {
+  auto sizes = sizes_with_batch(t, n);
+  return torch::stable::empty(sizes, t.scalar_type(), std::nullopt, t.device(), std::nullopt, fmt);
+}
+
+inline std::string out_of_range_msg(int64_t j, int64_t v, int64_t rows) {
+  std::ostringstream oss;
+  oss << "scatter_rows: index: expected every value in [0, " << rows << ") (out.size(0)), got index[" << j
+      << "] = " << v;
+  return oss.str();
+}
+
+}  // namespace calexnet_fast
