@@ -11,7 +11,7 @@
 #include <torch/csrc/stable/accelerator.h>
 
 #include <cub/device/device_select.cuh>
-#include <cub/iterator/counting_input_iterator.cuh>
+#include <thrust/iterator/counting_iterator.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -111,7 +111,7 @@ std::tuple<Tensor, Tensor> compact_cuda(Tensor x, Tensor mask) {
   if (batch > 0) {
     const bool* flags = static_cast<const bool*>(mask.data_ptr());
     int64_t* idx = static_cast<int64_t*>(index_full.data_ptr());
-    cub::CountingInputIterator<int64_t> positions(0);
+    thrust::counting_iterator<int64_t> positions(0);
     size_t temp_bytes = 0;
     CALEX_CUDA_CHECK(cub::DeviceSelect::Flagged(nullptr, temp_bytes, positions, flags, idx,
                                                 static_cast<int64_t*>(nullptr), static_cast<int>(batch), stream));
