@@ -154,6 +154,10 @@ def scatter_rows__reference(out: torch.Tensor, src: torch.Tensor, index: torch.T
     return out
 
 
+def _scatter_rows__noreturn(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> None:
+    scatter_rows__reference(out, src, index)  # the op's schema returns nothing (functionalization)
+
+
 def scatter_rows_reference(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Reference twin of ``scatter_rows``: like ``scatter_rows__reference`` on a copy of ``out``."""
     _check_scatter_args(out, src, index)
@@ -179,7 +183,7 @@ def _load(name: str) -> tuple[str | None, str | None]:
 def _define_python_schema() -> None:
     lib = torch.library.Library("calexnet_fast", "DEF")  # noqa: TOR901
     lib.define("compact(Tensor x, Tensor mask) -> (Tensor rows, Tensor index)")
-    lib.define("scatter_rows_(Tensor(a!) out, Tensor src, Tensor index) -> Tensor(a!)")
+    lib.define("scatter_rows_(Tensor(a!) out, Tensor src, Tensor index) -> ()")
     lib.define("scatter_rows(Tensor out, Tensor src, Tensor index) -> Tensor")
     _KEEP_ALIVE.append(lib)
 
@@ -188,7 +192,7 @@ def _register_reference(device: str) -> None:
     lib = torch.library.Library("calexnet_fast", "IMPL")  # noqa: TOR901
     dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}[device]
     lib.impl("compact", compact_reference, dispatch_key)
-    lib.impl("scatter_rows_", scatter_rows__reference, dispatch_key)
+    lib.impl("scatter_rows_", _scatter_rows__noreturn, dispatch_key)
     lib.impl("scatter_rows", scatter_rows_reference, dispatch_key)
     _KEEP_ALIVE.append(lib)
     _STATUS.fallbacks.append(device)
@@ -237,9 +241,8 @@ def _register_fake_and_autograd() -> None:
         return rows, x.new_empty((n,), dtype=torch.int64)
 
     @torch.library.register_fake("calexnet_fast::scatter_rows_")
-    def _scatter_rows__fake(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _scatter_rows__fake(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> None:
         _check_scatter_args(out, src, index)
-        return out
 
     @torch.library.register_fake("calexnet_fast::scatter_rows")
     def _scatter_rows_fake(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -319,7 +322,8 @@ def scatter_rows_(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> 
         src: [n, ...] rows to write; same dtype, device and trailing shape as ``out``.
         index: [n] int64 in ``[0, N)``; an out-of-range value raises before anything is written.
     """
-    return torch.ops.calexnet_fast.scatter_rows_(out, src, index)
+    torch.ops.calexnet_fast.scatter_rows_(out, src, index)
+    return out
 
 
 def scatter_rows(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,21 @@ inline std::string shape_str(const Tensor& t) {
   return oss.str();
 }
 
+// Python spelling (torch.float32, ...) so messages read the same as the reference twins'.
 inline std::string dtype_str(const Tensor& t) {
-  return std::string(torch::headeronly::toString(t.scalar_type()));
+  switch (t.scalar_type()) {
+    case ScalarType::Bool: return "torch.bool";
+    case ScalarType::Byte: return "torch.uint8";
+    case ScalarType::Char: return "torch.int8";
+    case ScalarType::Short: return "torch.int16";
+    case ScalarType::Int: return "torch.int32";
+    case ScalarType::Long: return "torch.int64";
+    case ScalarType::Half: return "torch.float16";
+    case ScalarType::BFloat16: return "torch.bfloat16";
+    case ScalarType::Float: return "torch.float32";
+    case ScalarType::Double: return "torch.float64";
+    default: return std::string("torch.") + torch::headeronly::toString(t.scalar_type());
+  }
 }
 
 inline std::string device_str(const Tensor& t) {

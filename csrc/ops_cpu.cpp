@@ -72,11 +72,11 @@ std::vector<int64_t> winning_positions(const Tensor& index, int64_t rows, std::v
   return src_pos;
 }
 
-Tensor scatter_rows__cpu(Tensor out, Tensor src, Tensor index) {
+void scatter_rows__cpu(Tensor out, Tensor src, Tensor index) {
   check_scatter_args(out, src, index);
   std::vector<int64_t> targets;
   const std::vector<int64_t> src_pos = winning_positions(index, out.size(0), &targets);
-  if (src_pos.empty()) return out;
+  if (src_pos.empty()) return;
 
   MemoryFormat fmt;
   const bool out_dense = row_format(out, &fmt);
@@ -91,12 +91,13 @@ Tensor scatter_rows__cpu(Tensor out, Tensor src, Tensor index) {
             src_pos.data(), static_cast<int64_t>(src_pos.size()), row_bytes, target.stride(0) * esize,
             src.stride(0) * esize);
   if (!out_dense) torch::stable::copy_(out, target);
-  return out;
 }
 
 Tensor scatter_rows_cpu(Tensor out, Tensor src, Tensor index) {
   check_scatter_args(out, src, index);
-  return scatter_rows__cpu(torch::stable::clone(out), src, index);
+  Tensor result = torch::stable::clone(out);
+  scatter_rows__cpu(result, src, index);
+  return result;
 }
 
 }  // namespace
@@ -104,7 +105,7 @@ Tensor scatter_rows_cpu(Tensor out, Tensor src, Tensor index) {
 
 STABLE_TORCH_LIBRARY(calexnet_fast, m) {
   m.def("compact(Tensor x, Tensor mask) -> (Tensor rows, Tensor index)");
-  m.def("scatter_rows_(Tensor(a!) out, Tensor src, Tensor index) -> Tensor(a!)");
+  m.def("scatter_rows_(Tensor(a!) out, Tensor src, Tensor index) -> ()");
   m.def("scatter_rows(Tensor out, Tensor src, Tensor index) -> Tensor");
 }
 

@@ -160,10 +160,10 @@ unsigned blocks_for(int64_t n, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 4096)));
 }
 
-Tensor scatter_rows__cuda(Tensor out, Tensor src, Tensor index) {
+void scatter_rows__cuda(Tensor out, Tensor src, Tensor index) {
   check_scatter_args(out, src, index);
   const int64_t n = index.size(0);
-  if (n == 0) return out;
+  if (n == 0) return;
   torch::stable::accelerator::DeviceGuard guard(out.get_device_index());
   cudaStream_t stream = current_stream(out);
   index = torch::stable::contiguous(index);
@@ -199,12 +199,14 @@ Tensor scatter_rows__cuda(Tensor out, Tensor src, Tensor index) {
             reinterpret_cast<const int64_t*>(winner), n, row_bytes, target.stride(0) * esize,
             src.stride(0) * esize, stream);
   if (!out_dense) torch::stable::copy_(out, target);
-  return out;
+
 }
 
 Tensor scatter_rows_cuda(Tensor out, Tensor src, Tensor index) {
   check_scatter_args(out, src, index);
-  return scatter_rows__cuda(torch::stable::clone(out), src, index);
+  Tensor result = torch::stable::clone(out);
+  scatter_rows__cuda(result, src, index);
+  return result;
 }
 
 }  // namespace
