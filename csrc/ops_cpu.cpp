@@ -11,7 +11,8 @@ namespace {
 void copy_rows(char* dst, const char* src, const int64_t* dst_rows, const int64_t* src_rows, int64_t n,
                int64_t row_bytes, int64_t dst_stride_bytes, int64_t src_stride_bytes) {
   if (n == 0 || row_bytes == 0) return;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / row_bytes);
+  // Chunks of at least 256 KiB: below that, waking a second thread costs more than the copy.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / row_bytes);
   torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t d = dst_rows ? dst_rows[r] : r;

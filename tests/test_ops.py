@@ -258,11 +258,11 @@ def test_jit_script_save_load_fresh_process(tmp_path):
         print("ok")
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 
-def test_fallback_without_library_warns_and_agrees():
+def test_fallback_without_library_warns_and_agrees(tmp_path):
     code = textwrap.dedent(
         """
         import warnings, torch
@@ -281,7 +281,7 @@ def test_fallback_without_library_warns_and_agrees():
         """
     )
     env = dict(os.environ, CALEXNET_NO_EXTENSION="1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 

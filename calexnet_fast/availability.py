@@ -1,0 +1,61 @@
+"""What can run here, detected once: the C++ op libraries, Triton, and the backend ``Cascade`` picks.
+
+``python -m calexnet_fast.info`` prints it; ``calexnet_fast.Cascade`` makes its choice from it, so the
+report and the behaviour cannot disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .ops import library_status
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the cascade runs on one device type, and why."""
+
+    device: str
+    compaction: str  # "c++" or "reference"
+    heads: str  # "triton" or "reference"
+    reasons: tuple[str, ...]
+
+    def describe(self) -> str:
+        what = f"{self.device}: heads={self.heads}, compaction={self.compaction}"
+        return what + "".join(f"\n    - {r}" for r in self.reasons)
+
+
+@functools.cache
+def triton_status() -> tuple[bool, str]:
+    """Whether the Triton kernels can run here, and how (or why not)."""
+    try:
+        from .kernels import triton_status as _kernels_triton_status
+    except ImportError as exc:  # the kernels subpackage itself failed to import
+        return False, f"calexnet_fast.kernels could not be imported: {exc}"
+    return _kernels_triton_status()
+
+
+@functools.cache
+def cascade_plan(device_type: str) -> Plan:
+    """The backend ``Cascade`` uses for tensors on ``device_type`` ("cpu" or "cuda")."""
+    status = library_status()
+    reasons: list[str] = []
+    if device_type == "cuda":
+        compaction = "c++" if status.cuda_path else "reference"
+        if status.cuda_path is None:
+            reasons.append(f"CUDA op library unavailable: {status.cuda_error}")
+        usable, how = triton_status()
+        heads = "triton" if usable and torch.cuda.is_available() else "reference"
+        reasons.append(f"Triton: {how}")
+    elif device_type == "cpu":
+        compaction = "c++" if status.cpu_path else "reference"
+        if status.cpu_path is None:
+            reasons.append(f"CPU op library unavailable: {status.cpu_error}")
+        heads = "reference"
+        reasons.append("heads run in eager PyTorch on CPU (Triton compiles only for GPUs; its interpreter is for tests)")
+    else:
+        raise ValueError(f"device_type: expected 'cpu' or 'cuda', got {device_type!r}")
+    return Plan(device_type, compaction, heads, tuple(reasons))
