@@ -599,13 +599,17 @@ def load_cifar100(
     name = "cifar100-coarse" if coarse else "cifar100"
     meta = _load_pickle(pdir / "meta", name, [name_key])
     classes = _names(meta[name_key])
-    splits = {}
+    splits, strata = {}, None
     for split in ("train", "test"):
         p = pdir / split
         d = _load_pickle(p, name, ["data", label_key])
         splits[split] = ImageDataset(
             torch.as_tensor(list(d[label_key]), dtype=torch.int64), classes, images=_cifar_images(d, p, name)
         )
+        if split == "train" and "fine_labels" in d:
+            # stratify on the fine labels (which stratifies the coarse ones too): the coarse and fine
+            # variants then calibrate on the same validation images
+            strata = torch.as_tensor(list(d["fine_labels"]), dtype=torch.int64)
     return _finish(
         name,
         str(pdir),
@@ -618,6 +622,7 @@ def load_cifar100(
         normalization,
         image_size,
         {"format": "pickle", "labels": label_key},
+        strata=strata,
     )
 
 
@@ -748,11 +753,11 @@ def load_imagefolder(
 
 
 def _finish(
-    name, root, train, val, test, classes, val_size, split_seed, normalization, image_size, info
+    name, root, train, val, test, classes, val_size, split_seed, normalization, image_size, info, strata=None
 ) -> DataSplits:
     val_source = "official"
     if val is None:
-        tr_idx, va_idx = stratified_split(train.labels, val_size, split_seed)
+        tr_idx, va_idx = stratified_split(train.labels if strata is None else strata, val_size, split_seed)
         val = train.subset(va_idx)
         train = train.subset(tr_idx)
         val_source = "train"
