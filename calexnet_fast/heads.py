@@ -1,0 +1,229 @@
+"""The augmented prototype-pooling branch head of DESIGN.md §1 and its folded inference form.
+
+``PrototypePoolingHead`` is the trainable module (steps 1-5 of the design):
+
+1. projection ``u = ReLU(BN(Conv1x1_{C->D}(f)))``;
+2. ``K`` learnable prototypes ``P`` [K, D]; similarity ``s[k, h, w] = gamma * cos(u[:, h, w], P[k])``
+   with a learnable scale ``gamma``;
+3. prototype pooling: max and mean of ``s`` over (h, w) -> 2K values;
+4. augmentation: the global average of ``u`` over (h, w) -> 2K + D features, in the order
+   ``[max (K), mean (K), avg u (D)]``;
+5. a linear classifier -> logits.
+
+Cosine convention: ``F.normalize(u, dim=channel, eps=1e-8) . F.normalize(P, dim=1, eps=1e-8)``, i.e. each
+vector is divided by ``max(||v||, 1e-8)`` (a zero projection gives similarity 0, never NaN).
+
+``PrototypePoolingHead.fold()`` returns a ``FoldedPrototypeHead``: BN folded into the projection, prototypes
+normalised and multiplied by gamma. Its forward is the plain-PyTorch reference twin of the fused Triton kernel
+``calexnet_fast.kernels.proto_head_exit`` (which consumes exactly its buffers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COSINE_EPS = 1e-8
+
+
+def _check_features(features: torch.Tensor, in_channels: int, name: str = "features") -> None:
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor [N, C, H, W], got {type(features).__name__}")
+    if features.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor [N, C, H, W], got shape {list(features.shape)}")
+    if features.shape[1] != in_channels:
+        raise ValueError(
+            f"{name}: expected {in_channels} channels (dim 1), got {features.shape[1]} "
+            f"(shape {list(features.shape)})"
+        )
+    if features.shape[2] == 0 or features.shape[3] == 0:
+        raise ValueError(f"{name}: expected a non-empty spatial size H x W, got shape {list(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"{name}: expected a floating dtype, got {features.dtype}")
+
+
+def folded_head_reference(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+) -> torch.Tensor:
+    """Logits of the folded head, in plain PyTorch, computed in the dtype of ``features``.
+
+    The buffers are cast to ``features.dtype``; pass ``features.float()`` (or ``.double()``) for a higher
+    precision result.
+
+    Args:
+        features: [N, C, H, W] feature map (any memory format).
+        proj_weight: [D, C] projection with BN folded in.
+        proj_bias: [D] projection bias.
+        prototypes: [K, D] prototypes, already normalised and multiplied by gamma.
+        cls_weight: [n_classes, 2K + D] classifier weight over ``[max s, mean s, avg u]``.
+        cls_bias: [n_classes] classifier bias.
+
+    Returns:
+        [N, n_classes] logits in ``features.dtype``.
+    """
+    dt = features.dtype
+    n, c, h, w = features.shape
+    x = features.reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+    u = torch.relu(torch.matmul(x, proj_weight.to(dt).t()) + proj_bias.to(dt))  # [N, HW, D]
+    norm = torch.linalg.vector_norm(u, dim=2, keepdim=True).clamp_min(COSINE_EPS)
+    s = torch.matmul(u, prototypes.to(dt).t()) / norm  # [N, HW, K]
+    feats = torch.cat([s.amax(dim=1), s.mean(dim=1), u.mean(dim=1)], dim=1)  # [N, 2K + D]
+    return F.linear(feats, cls_weight.to(dt), cls_bias.to(dt))
+
+
+class FoldedPrototypeHead(nn.Module):
+    """Inference form of ``PrototypePoolingHead`` (what the fused kernel consumes).
+
+    Buffers:
+        proj_weight: [D, C], conv1x1 weight with eval-mode BN folded in.
+        proj_bias: [D].
+        prototypes: [K, D], ``gamma * P / max(||P||, 1e-8)``.
+        cls_weight: [n_classes, 2K + D].
+        cls_bias: [n_classes].
+
+    ``forward(features [N, C, H, W]) -> logits [N, n_classes]`` computes
+    ``u = relu(f W^T + b)``, ``s = (u P^T) / max(||u||, 1e-8)``, then max/mean of ``s`` and the mean of ``u``
+    over the pixels and the classifier, in the dtype of ``features``.
+    """
+
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
+    prototypes: torch.Tensor
+    cls_weight: torch.Tensor
+    cls_bias: torch.Tensor
+
+    def __init__(
+        self,
+        proj_weight: torch.Tensor,
+        proj_bias: torch.Tensor,
+        prototypes: torch.Tensor,
+        cls_weight: torch.Tensor,
+        cls_bias: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        d, c = proj_weight.shape
+        k = prototypes.shape[0]
+        checks = [
+            ("proj_bias", proj_bias, [d]),
+            ("prototypes", prototypes, [k, d]),
+            ("cls_weight", cls_weight, [cls_weight.shape[0], 2 * k + d]),
+            ("cls_bias", cls_bias, [cls_weight.shape[0]]),
+        ]
+        for name, t, shape in checks:
+            if list(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
+        self.register_buffer("proj_weight", proj_weight.detach().clone())
+        self.register_buffer("proj_bias", proj_bias.detach().clone())
+        self.register_buffer("prototypes", prototypes.detach().clone())
+        self.register_buffer("cls_weight", cls_weight.detach().clone())
+        self.register_buffer("cls_bias", cls_bias.detach().clone())
+
+    @property
+    def in_channels(self) -> int:
+        return self.proj_weight.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.proj_weight.shape[0]
+
+    @property
+    def n_prototypes(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.cls_weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        _check_features(features, self.in_channels)
+        return folded_head_reference(
+            features, self.proj_weight, self.proj_bias, self.prototypes, self.cls_weight, self.cls_bias
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, n_classes={self.n_classes}, dim={self.dim}, "
+            f"n_prototypes={self.n_prototypes}"
+        )
+
+
+class PrototypePoolingHead(nn.Module):
+    """The augmented prototype-pooling head (DESIGN.md §1, steps 1-5).
+
+    Args:
+        in_channels: C, channels of the branch-point feature map.
+        n_classes: number of classes.
+        dim: D, projection width (default 128).
+        n_prototypes: K, number of prototypes (default 32).
+        gamma_init: initial value of the learnable similarity scale gamma (default 10: cosines live in
+            [-1, 1], a scale of about 10 lets the classifier see usefully spread values from the start).
+
+    ``forward(features [N, C, H, W]) -> logits [N, n_classes]``. Parameters: conv ``C*D`` (no bias: BN
+    follows), BN ``2D``, prototypes ``K*D``, gamma 1, classifier ``(2K + D + 1) * n_classes``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_classes: int,
+        dim: int = 128,
+        n_prototypes: int = 32,
+        gamma_init: float = 10.0,
+    ) -> None:
+        super().__init__()
+        for name, v in [("in_channels", in_channels), ("n_classes", n_classes), ("dim", dim)]:
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if not isinstance(n_prototypes, int) or n_prototypes < 1:
+            raise ValueError(f"n_prototypes: expected a positive int, got {n_prototypes!r}")
+        self.in_channels = in_channels
+        self.n_classes = n_classes
+        self.dim = dim
+        self.n_prototypes = n_prototypes
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))
+        self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
+        self.classifier = nn.Linear(2 * n_prototypes + dim, n_classes)
+
+    @property
+    def feature_dim(self) -> int:
+        """2K + D, the width of the pooled feature vector the classifier sees."""
+        return 2 * self.n_prototypes + self.dim
+
+    def pooled_features(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, 2K + D] pooled features ``[max s (K), mean s (K), avg u (D)]``."""
+        _check_features(features, self.in_channels)
+        u = torch.relu(self.bn(self.proj(features)))  # [N, D, H, W]
+        un = F.normalize(u, dim=1, eps=COSINE_EPS)
+        pn = F.normalize(self.prototypes, dim=1, eps=COSINE_EPS)
+        s = self.gamma * torch.einsum("ndhw,kd->nkhw", un, pn).flatten(2)  # [N, K, HW]
+        return torch.cat([s.amax(dim=2), s.mean(dim=2), u.flatten(2).mean(dim=2)], dim=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooled_features(features))
+
+    @torch.no_grad()
+    def fold(self) -> FoldedPrototypeHead:
+        """The inference form: BN (running statistics) folded into the projection, prototypes normalised and
+        scaled by gamma. Equals ``self.eval()(f)`` up to float rounding; it does not track later training."""
+        bn = self.bn
+        if bn.running_mean is None or bn.running_var is None:
+            raise RuntimeError("fold: BatchNorm has no running statistics (track_running_stats=False)")
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [D]
+        w = self.proj.weight.flatten(1) * scale[:, None]  # [D, C]
+        b = bn.bias - bn.running_mean * scale
+        p = self.gamma * F.normalize(self.prototypes, dim=1, eps=COSINE_EPS)
+        return FoldedPrototypeHead(w, b, p, self.classifier.weight, self.classifier.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, n_classes={self.n_classes}, dim={self.dim}, "
+            f"n_prototypes={self.n_prototypes}"
+        )

@@ -1,0 +1,166 @@
+"""PrototypePoolingHead (DESIGN.md §1 steps 1-5) and its folded inference form."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calexnet_fast.heads import FoldedPrototypeHead, PrototypePoolingHead, folded_head_reference
+
+
+def _trained_bn_head(
+    c: int, n_classes: int, dim: int = 128, k: int = 32, seed: int = 0
+) -> PrototypePoolingHead:
+    """A head whose BN running stats and affine params are far from identity, so folding is non-trivial."""
+    torch.manual_seed(seed)
+    head = PrototypePoolingHead(c, n_classes, dim=dim, n_prototypes=k)
+    with torch.no_grad():
+        head.bn.weight.uniform_(0.5, 2.0)
+        head.bn.bias.uniform_(-0.5, 0.5)
+        head.gamma.fill_(7.5)
+    head.train()
+    with torch.no_grad():
+        for _ in range(4):
+            head(torch.randn(16, c, 6, 6) * 3.0 + 1.5)
+    head.eval()
+    assert not torch.allclose(head.bn.running_mean, torch.zeros(dim))
+    assert not torch.allclose(head.bn.running_var, torch.ones(dim))
+    return head
+
+
+def _naive_pooled(head: PrototypePoolingHead, f: torch.Tensor) -> torch.Tensor:
+    """Steps 1-4 written out per pixel and prototype with F.cosine_similarity (independent of the module)."""
+    u = torch.relu(head.bn(head.proj(f)))  # eval-mode BN
+    n, d, h, w = u.shape
+    rows = []
+    for i in range(n):
+        pix = u[i].reshape(d, h * w).t()  # [HW, D]
+        s = torch.stack(
+            [
+                head.gamma * F.cosine_similarity(pix, p.expand_as(pix), dim=1, eps=1e-8)
+                for p in head.prototypes
+            ]
+        )  # [K, HW]
+        rows.append(torch.cat([s.max(dim=1).values, s.mean(dim=1), pix.mean(dim=0)]))
+    return torch.stack(rows)
+
+
+def test_forward_matches_definition():
+    head = _trained_bn_head(c=12, n_classes=5, dim=16, k=6)
+    f = torch.randn(3, 12, 5, 4)
+    with torch.no_grad():
+        pooled = head.pooled_features(f)
+        naive = _naive_pooled(head, f)
+        assert pooled.shape == (3, 2 * 6 + 16)
+        torch.testing.assert_close(pooled, naive, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head(f), head.classifier(naive), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "c,n_classes,dim,k,h,w", [(64, 10, 128, 32, 7, 7), (48, 100, 96, 10, 8, 8), (3, 2, 16, 1, 1, 5)]
+)
+def test_fold_matches_unfolded(c, n_classes, dim, k, h, w):
+    head = _trained_bn_head(c, n_classes, dim, k)
+    folded = head.fold()
+    f = torch.randn(5, c, h, w) * 2.0 + 0.5
+    with torch.no_grad():
+        expect = head(f)
+        got = folded(f)
+        got_cl = folded(f.to(memory_format=torch.channels_last))
+    assert got.shape == (5, n_classes)
+    torch.testing.assert_close(got, expect, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got_cl, expect, rtol=2e-5, atol=2e-5)
+    # and against an fp64 evaluation of the unfolded head: the fold loses nothing beyond fp32 rounding
+    with torch.no_grad():
+        exact = head.double()(f.double())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_buffers():
+    head = _trained_bn_head(c=20, n_classes=7, dim=32, k=4)
+    folded = head.fold()
+    assert isinstance(folded, FoldedPrototypeHead)
+    shapes = {name: list(b.shape) for name, b in folded.named_buffers()}
+    assert shapes == {
+        "proj_weight": [32, 20],
+        "proj_bias": [32],
+        "prototypes": [4, 32],
+        "cls_weight": [7, 2 * 4 + 32],
+        "cls_bias": [7],
+    }
+    assert list(folded.parameters()) == []
+    # prototypes are normalised and scaled by gamma
+    torch.testing.assert_close(folded.prototypes.norm(dim=1), torch.full((4,), 7.5))
+    assert (folded.in_channels, folded.n_classes, folded.dim, folded.n_prototypes) == (20, 7, 32, 4)
+    # the fold is a snapshot: it does not alias the trainable parameters
+    with torch.no_grad():
+        head.classifier.weight.add_(1.0)
+    assert not torch.equal(folded.cls_weight, head.classifier.weight)
+
+
+def test_parameter_count():
+    c, n_classes, d, k = 64, 10, 128, 32
+    head = PrototypePoolingHead(c, n_classes)
+    expect = c * d + 2 * d + k * d + 1 + (2 * k + d + 1) * n_classes
+    assert sum(p.numel() for p in head.parameters()) == expect
+    assert head.feature_dim == 2 * k + d
+
+
+def test_zero_projection_gives_zero_similarity_not_nan():
+    head = PrototypePoolingHead(8, 3, dim=16, n_prototypes=4).eval()
+    with torch.no_grad():
+        head.bn.bias.fill_(-1e4)  # ReLU kills every channel: u == 0
+    f = torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        pooled = head.pooled_features(f)
+        assert torch.equal(pooled, torch.zeros_like(pooled))
+        folded_out = head.fold()(f)
+    assert torch.isfinite(folded_out).all()
+    torch.testing.assert_close(folded_out, head.classifier.bias.expand(2, 3))
+
+
+def test_gradients_reach_every_parameter():
+    head = PrototypePoolingHead(6, 4, dim=8, n_prototypes=3)
+    head(torch.randn(4, 6, 5, 5)).logsumexp(dim=1).sum().backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folded_reference_computes_in_input_dtype(dtype):
+    head = _trained_bn_head(c=16, n_classes=5, dim=32, k=8)
+    folded = head.fold()
+    f = torch.randn(3, 16, 4, 4)
+    out = folded(f.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), folded(f), rtol=0.05, atol=0.05)
+    out64 = folded_head_reference(f.double(), *[b.double() for b in folded.buffers()])
+    assert out64.dtype == torch.float64
+
+
+def test_bad_inputs():
+    head = PrototypePoolingHead(16, 4, dim=8, n_prototypes=2)
+    folded = head.fold()
+    for module in (head, folded):
+        with pytest.raises(
+            ValueError, match=r"features: expected a 4-D tensor \[N, C, H, W\], got shape \[2, 16\]"
+        ):
+            module(torch.randn(2, 16))
+        with pytest.raises(ValueError, match=r"features: expected 16 channels \(dim 1\), got 15"):
+            module(torch.randn(2, 15, 3, 3))
+        with pytest.raises(ValueError, match="non-empty spatial size"):
+            module(torch.randn(2, 16, 0, 3))
+        with pytest.raises(ValueError, match="floating dtype"):
+            module(torch.ones(2, 16, 3, 3, dtype=torch.int64))
+    for kwargs, name in [
+        (dict(in_channels=0, n_classes=3), "in_channels"),
+        (dict(in_channels=4, n_classes=0), "n_classes"),
+        (dict(in_channels=4, n_classes=3, dim=-1), "dim"),
+        (dict(in_channels=4, n_classes=3, n_prototypes=0), "n_prototypes"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            PrototypePoolingHead(**kwargs)
+    with pytest.raises(ValueError, match=r"cls_weight: expected shape \[3, 12\], got \[3, 11\]"):
+        FoldedPrototypeHead(
+            torch.zeros(8, 4), torch.zeros(8), torch.zeros(2, 8), torch.zeros(3, 11), torch.zeros(3)
+        )
