@@ -1,0 +1,228 @@
+"""CPM calibration: hand-checked cases, a brute-force twin, the precision guarantee, aligned subsets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from calexnet_fast.calibration import (
+    CalibrationSweep,
+    backbone_precision,
+    bars_from_precision,
+    calibrate,
+    calibrate_sweep,
+    cpm_thresholds,
+    margin_grid,
+)
+from calexnet_fast.exit_rule import exit_decision_reference
+
+INF = math.inf
+
+
+def brute_force(conf, pred, labels, bars, min_support, mask=None):
+    """Literal reading of DESIGN.md: lowest τ among the set's confidences with precision ≥ bar, support."""
+    c_count = bars.shape[0]
+    mask = torch.ones_like(pred, dtype=torch.bool) if mask is None else mask
+    out = torch.full((c_count,), INF)
+    for c in range(c_count):
+        sel = (pred == c) & mask & ~torch.isnan(conf)
+        cs, ok = conf[sel], labels[sel] == c
+        for t in sorted(cs.unique().tolist()):
+            s = cs >= t
+            if s.sum() >= min_support and ok[s].double().mean().item() >= bars[c].item() - 1e-12:
+                out[c] = t
+                break
+    return out
+
+
+def logits_from(conf_pred: list[tuple[float, int]], n_classes: int) -> torch.Tensor:
+    """Logits whose softmax has max probability ``conf`` at class ``pred`` (rest uniform)."""
+    rows = []
+    for conf, pred in conf_pred:
+        rest = (1 - conf) / (n_classes - 1)
+        p = torch.full((n_classes,), rest, dtype=torch.float64)
+        p[pred] = conf
+        rows.append(p.log())
+    return torch.stack(rows).float()
+
+
+def test_hand_checked_case():
+    # class 0, confidences descending: correct, correct, wrong, correct, wrong, correct
+    conf = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    pred = torch.zeros(6, dtype=torch.long)
+    labels = torch.tensor([0, 0, 1, 0, 1, 0])
+
+    # prefix precisions: 1, 1, 2/3, 3/4, 3/5, 4/6
+    def thr(bar, support):
+        return cpm_thresholds(
+            conf, pred, labels, torch.tensor([bar, 0.0], dtype=torch.float64), min_support=support
+        )
+
+    assert thr(1.0, 1)[0] == pytest.approx(0.8)  # largest all-correct prefix
+    assert thr(0.75, 1)[0] == pytest.approx(0.6)  # 3/4 qualifies, 3/5 and 4/6 do not
+    assert thr(0.6, 1)[0] == pytest.approx(0.4)  # 4/6 ≥ 0.6: the lowest confidence
+    assert thr(0.7, 1)[0] == pytest.approx(0.6)  # non-monotone precision: 3/4 ok, 4/6 not
+    assert thr(0.75, 5)[0] == INF  # support 5 needs a 5-prefix: 3/5 < 0.75
+    assert thr(0.6, 5)[0] == pytest.approx(0.4)  # 4/6 ≥ 0.6 with support 6
+    # 3/5 = 0.6 meets a bar of exactly 0.6 (≥)
+    t5 = cpm_thresholds(
+        conf[:5], pred[:5], labels[:5], torch.tensor([0.6], dtype=torch.float64), min_support=5
+    )
+    assert t5[0] == pytest.approx(0.5)
+    assert thr(0.0, 7)[0] == INF  # only 6 samples
+    assert thr(0.0, 1)[1] == INF  # class 1 is never predicted
+
+
+def test_ties_are_taken_whole():
+    # two samples at 0.8, one right one wrong: the prefix ending inside the tie is not a candidate
+    conf = torch.tensor([0.9, 0.8, 0.8, 0.7])
+    pred = torch.zeros(4, dtype=torch.long)
+    labels = torch.tensor([0, 0, 1, 0])
+    t = cpm_thresholds(conf, pred, labels, torch.tensor([0.7]), min_support=2)
+    # {≥0.8} has precision 2/3 < 0.7, {≥0.7} has 3/4 ≥ 0.7
+    assert t[0] == pytest.approx(0.7)
+    t = cpm_thresholds(conf, pred, labels, torch.tensor([0.9]), min_support=2)
+    assert t[0] == INF
+
+
+def test_nan_confidence_never_counts():
+    conf = torch.tensor([0.9, float("nan"), 0.8])
+    pred = torch.zeros(3, dtype=torch.long)
+    labels = torch.tensor([0, 1, 0])
+    t = cpm_thresholds(conf, pred, labels, torch.tensor([1.0]), min_support=2)
+    assert t[0] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(25):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        c = int(torch.randint(1, 5, (1,), generator=g))
+        conf = torch.randint(0, 6, (n,), generator=g) / 5.0  # many ties
+        conf[torch.rand(n, generator=g) < 0.05] = float("nan")
+        pred = torch.randint(0, c, (n,), generator=g)
+        labels = torch.where(torch.rand(n, generator=g) < 0.6, pred, torch.randint(0, c, (n,), generator=g))
+        bars = torch.rand(3, c, generator=g, dtype=torch.float64)
+        mask = torch.rand(3, n, generator=g) < 0.8
+        support = int(torch.randint(1, 6, (1,), generator=g))
+        got = cpm_thresholds(conf, pred, labels, bars, min_support=support, mask=mask)
+        for m in range(3):
+            torch.testing.assert_close(
+                got[m], brute_force(conf, pred, labels, bars[m], support, mask[m]).float()
+            )
+
+
+def make_problem(n=3000, c=10, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    onehot = torch.nn.functional.one_hot(y, c).float()
+    bb = torch.randn(n, c, generator=g) * 1.5 + 3 * onehot
+    branches = [torch.randn(n, c, generator=g) * 1.5 + (1.0 + k_) * onehot for k_ in range(k)]
+    return branches, bb, y
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("mode", ["additive", "relative"])
+def test_thresholds_meet_the_bar_on_their_calibration_set(aligned, mode):
+    branches, bb, y = make_problem()
+    margins = [0.0, 0.05, 0.2]
+    thr = calibrate(branches, bb, y, margins, aligned=aligned, margin_mode=mode, min_support=20)
+    bb_pred = bb.argmax(1)
+    for mi, m in enumerate(margins):
+        alive = torch.ones(len(y), dtype=torch.bool)
+        for k, z in enumerate(branches):
+            ex, pred, _ = exit_decision_reference(z, thr[mi, k])
+            subset = alive if aligned else torch.ones_like(alive)
+            for c in range(10):
+                out = ex & subset & (pred == c)
+                if torch.isinf(thr[mi, k, c]):
+                    continue
+                sel = subset & (bb_pred == c)
+                pr = (y[sel] == c).double().mean().item()
+                bar = pr - m if mode == "additive" else (1 - m) * pr
+                assert out.sum() >= 20
+                assert (y[out] == c).double().mean().item() >= bar - 1e-9
+            alive &= ~ex
+    assert torch.isfinite(thr).any() and torch.isinf(thr).any()
+
+
+def test_aligned_uses_exactly_the_survivor_subset():
+    branches, bb, y = make_problem(n=2000, seed=1)
+    thr = calibrate(branches, bb, y, 0.1, aligned=True)
+    ex1, _, _ = exit_decision_reference(branches[0], thr[0])
+    surv = ~ex1
+    assert 0 < surv.sum() < len(y)
+    # branch 2 alone, calibrated on the survivors sliced out: the same thresholds
+    sub = calibrate([branches[1][surv]], bb[surv], y[surv], 0.1, aligned=True)
+    torch.testing.assert_close(thr[1], sub[0])
+    # what the exited samples look like at branch 2 cannot matter
+    scrambled = branches[1].clone()
+    scrambled[ex1] = torch.randn(int(ex1.sum()), 10) * 5
+    thr2 = calibrate([branches[0], scrambled, branches[2]], bb, y, 0.1, aligned=True)
+    torch.testing.assert_close(thr2, thr)
+    # unaligned: each branch alone on the whole set
+    un = calibrate(branches, bb, y, 0.1, aligned=False)
+    for k in range(3):
+        torch.testing.assert_close(un[k], calibrate([branches[k]], bb, y, 0.1, aligned=False)[0])
+    assert not torch.equal(un[1], thr[1])
+
+
+def test_bar_from_full_validation_and_precision_fallback():
+    branches, bb, y = make_problem(n=2000, seed=2)
+    bb_pred = bb.argmax(1)
+    full = calibrate(branches, bb, y, 0.1, aligned=True, bar_from="full_validation")
+    prec, acc = backbone_precision(bb_pred, y, 10)
+    bars = bars_from_precision(prec, acc, torch.tensor([0.1], dtype=torch.float64))
+    ex1, _, _ = exit_decision_reference(branches[0], full[0])
+    _, pred2, conf2 = exit_decision_reference(branches[1], full[1])
+    # branch 2: survivors of branch 1 as the set, but the bars of the whole validation set
+    expect2 = cpm_thresholds(conf2, pred2, y, bars[0], mask=~ex1)
+    torch.testing.assert_close(full[1], expect2)
+    # a class the backbone never predicts falls back to the backbone accuracy
+    p, a = backbone_precision(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), 3)
+    assert torch.isnan(p[0, 2]) and a.item() == pytest.approx(0.75)
+    b = bars_from_precision(p, a, torch.tensor([0.1], dtype=torch.float64), "relative")
+    torch.testing.assert_close(b[0], torch.tensor([0.45, 0.9, 0.675], dtype=torch.float64))
+
+
+def test_unaligned_thresholds_fall_with_the_margin():
+    branches, bb, y = make_problem(n=2000, seed=3)
+    thr = calibrate(branches, bb, y, margin_grid(0, 0.5, 11), aligned=False)
+    # a lower bar can only admit more candidate sets, so τ never rises with m
+    assert (thr[1:] <= thr[:-1]).all()
+    assert torch.isinf(thr[0]).sum() > torch.isinf(thr[-1]).sum()
+
+
+def test_shapes_and_errors(tmp_path):
+    branches, bb, y = make_problem(n=200, c=5, k=2)
+    assert calibrate(branches, bb, y, 0.1).shape == (2, 5)
+    assert calibrate(torch.stack(branches), bb, y, [0.1, 0.2]).shape == (2, 2, 5)
+    with pytest.raises(ValueError, match="branch_logits\\[1\\]"):
+        calibrate([branches[0], branches[1][:, :3]], bb, y, 0.1)
+    with pytest.raises(ValueError, match="labels"):
+        calibrate(branches, bb, y[:-1], 0.1)
+    with pytest.raises(ValueError, match="margin_mode"):
+        calibrate(branches, bb, y, 0.1, margin_mode="multiplicative")
+    with pytest.raises(ValueError, match="bar_from"):
+        calibrate(branches, bb, y, 0.1, bar_from="test")
+    with pytest.raises(ValueError, match="min_support"):
+        cpm_thresholds(
+            torch.rand(3),
+            torch.zeros(3, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long),
+            torch.zeros(1),
+            min_support=0,
+        )
+    sweep = calibrate_sweep(branches, bb, y, [0.0, 0.3], aligned=False, min_support=5)
+    sweep.save(tmp_path / "thr.safetensors")
+    back = CalibrationSweep.load(tmp_path / "thr.safetensors")
+    assert torch.equal(back.thresholds, sweep.thresholds) and back.config["min_support"] == 5
+    assert (tmp_path / "thr.json").is_file()
+    with pytest.raises(ValueError, match="does not exist"):
+        CalibrationSweep.load(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="bad.safetensors"):
+        CalibrationSweep.load(tmp_path / "bad.safetensors")
