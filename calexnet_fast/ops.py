@@ -172,6 +172,11 @@ def scatter_rows_reference(out: torch.Tensor, src: torch.Tensor, index: torch.Te
 def _load(name: str) -> tuple[str | None, str | None]:
     path = _LIB_DIR / f"lib{name}.so"
     if not path.exists():
+        if (_LIB_DIR.parent.parent / "CMakeLists.txt").exists():
+            return None, (
+                f"{path} is not there: this is the source tree ({_LIB_DIR.parent}), imported because Python puts "
+                "the current directory first on sys.path; run from another directory to use the installed package"
+            )
         return None, f"{path} is not there (the package was installed without its compiled ops)"
     try:
         torch.ops.load_library(str(path))
