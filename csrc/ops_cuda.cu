@@ -199,7 +199,6 @@ void scatter_rows__cuda(Tensor out, Tensor src, Tensor index) {
             reinterpret_cast<const int64_t*>(winner), n, row_bytes, target.stride(0) * esize,
             src.stride(0) * esize, stream);
   if (!out_dense) torch::stable::copy_(out, target);
-
 }
 
 Tensor scatter_rows_cuda(Tensor out, Tensor src, Tensor index) {
