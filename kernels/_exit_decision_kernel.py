@@ -1,0 +1,82 @@
+"""Triton kernel of the exit decision and the online softmax/argmax helper shared with the fused head.
+
+Imported lazily (see ``_triton.kernel_module``): importing this module imports ``triton``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softmax_argmax_update(z, valid, c0, m, s, idx, nan_idx, BLOCK: tl.constexpr):
+    """Fold one chunk of logits into a running (max, sum of exp, argmax, first NaN column) per row.
+
+    Args:
+        z: [R, BLOCK] fp32 logits of classes c0 .. c0 + BLOCK - 1; entries where ``valid`` is False
+            are ignored.
+        valid: [R, BLOCK] bool.
+        c0: class index of column 0 of this chunk (chunks come in ascending order).
+        m, s: [R] fp32 running max (NaN-free, -inf when empty) and sum of ``exp(z - m)``.
+        idx: [R] int32 first index of the running max (``torch.argmax`` semantics without NaN).
+        nan_idx: [R] int32 first NaN column, or a value >= n_classes when none yet.
+    """
+    cols = c0 + tl.arange(0, BLOCK)
+    isnan = z != z
+    zc = tl.where(valid & (~isnan), z, float("-inf"))
+    cm = tl.max(zc, axis=1)
+    ci = tl.argmax(zc, axis=1, tie_break_left=True)
+    # Strictly greater: on ties an earlier chunk (smaller index) wins, as in torch.argmax.
+    idx = tl.where(cm > m, c0 + ci, idx)
+    new_m = tl.maximum(m, cm)
+    # -inf entries contribute 0; an +inf maximum gives inf - inf = NaN, as torch.softmax does.
+    scale = tl.where(m == float("-inf"), 0.0, tl.exp(m - new_m))
+    e = tl.where(zc == float("-inf"), 0.0, tl.exp(zc - new_m[:, None]))
+    s = s * scale + tl.sum(e, axis=1)
+    nan_cols = tl.where(isnan & valid, cols[None, :], 2147483647)
+    nan_idx = tl.minimum(nan_idx, tl.min(nan_cols, axis=1))
+    return new_m, s, idx, nan_idx
+
+
+@triton.jit
+def softmax_argmax_finish(m, s, idx, nan_idx, n_classes):
+    """(pred int32, conf fp32) from the running state: torch.argmax (NaN wins, first one) and the max softmax
+    probability 1 / sum(exp(z - max)); NaN when the row has a NaN, an +inf, or is all -inf."""
+    has_nan = nan_idx < n_classes
+    pred = tl.where(has_nan, nan_idx, idx)
+    conf = tl.where(m == float("-inf"), float("nan"), 1.0 / s)
+    conf = tl.where(has_nan, float("nan"), conf)
+    return pred, conf
+
+
+@triton.jit
+def exit_decision_kernel(
+    z_ptr,
+    thr_ptr,
+    exit_ptr,
+    pred_ptr,
+    conf_ptr,
+    N,
+    C,
+    stride_zn,
+    stride_zc,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    row_off = rows.to(tl.int64) * stride_zn
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    idx = tl.zeros([BLOCK_N], tl.int32)
+    nan_idx = tl.zeros([BLOCK_N], tl.int32) + C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        valid = rmask[:, None] & (cols < C)[None, :]
+        z = tl.load(z_ptr + row_off[:, None] + cols[None, :] * stride_zc, mask=valid, other=0.0)
+        m, s, idx, nan_idx = softmax_argmax_update(z.to(tl.float32), valid, c0, m, s, idx, nan_idx, BLOCK_C)
+    pred, conf = softmax_argmax_finish(m, s, idx, nan_idx, C)
+    thr = tl.load(thr_ptr + pred, mask=rmask, other=float("inf"))
+    tl.store(exit_ptr + rows, conf >= thr, mask=rmask)
+    tl.store(pred_ptr + rows, pred.to(tl.int64), mask=rmask)
+    tl.store(conf_ptr + rows, conf, mask=rmask)

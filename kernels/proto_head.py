@@ -1,0 +1,312 @@
+"""Fused prototype-pooling head + exit decision (DESIGN.md §1 steps 1-5, softmax, argmax, threshold test).
+
+Public: ``proto_head_exit(features [N, C, H, W], folded: FoldedPrototypeHead, thresholds [n_classes])
+-> (logits float32 [N, n_classes], exit bool [N], pred int64 [N], conf float32 [N])``, backed by
+``torch.ops.calexnet_fast.proto_head_exit(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias,
+thresholds)``. Reference twin: ``proto_head_exit_reference`` (the folded head in float32 + the exit rule);
+it is the op's CPU kernel and the fallback when Triton cannot run on a CUDA tensor.
+
+Numerics: features are read in their own dtype (float16, bfloat16 or float32); the projection weight and the
+prototypes are rounded to that dtype for the tensor-core dots, which accumulate in float32; bias, ReLU, norms,
+pooling, classifier and softmax are float32. For float32 features the dots follow
+``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default) -> IEEE fp32, else TF32.
+
+Layout: the kernel reads any layout whose H and W dims flatten to one pixel stride, which covers both
+contiguous NCHW and channels_last (NHWC) without a copy; any other strides are made contiguous first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from calexnet_fast.exit_rule import check_thresholds, exit_decision_reference
+from calexnet_fast.heads import FoldedPrototypeHead, folded_head_reference
+
+from ._triton import cuda_usable, interpreting, kernel_module, warn_fallback_once
+
+_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def proto_head_launch_config(
+    in_channels: int, hw: int, dim: int, n_prototypes: int, n_classes: int, dtype: torch.dtype
+) -> dict:
+    """Block sizes and launch parameters of the fused kernel (a small deterministic rule, no autotuning).
+
+    Rule:
+        grid = (N,): one program per sample, so the pooling reductions over H*W stay in registers and every
+        feature element is read exactly once (no second pass, no atomics, no workspace).
+        BLOCK_P (pixels per tile) = next_pow2(H*W) clamped to [16, 128], and BLOCK_P * D_PAD <= 128 * 128 so
+        the fp32 projection tile stays in registers.
+        BLOCK_C (channels per dot step) = next_pow2(C) clamped to [16, 64] (to [16, 32] for float32 features,
+        whose tiles are twice the bytes). C_STATIC: the channel loop is unrolled when it has <= 8 steps.
+        D_PAD, K_PAD = next_pow2 of D and K, at least 16 (tl.dot's minimum). BLOCK_NC (classes per epilogue
+        step) = next_pow2(n_classes) clamped to [16, max(16, 8192 // D_PAD)].
+        num_warps = 8 when BLOCK_P * D_PAD >= 128 * 128, else 4; num_stages = 3 for 16-bit features, else 2.
+
+    Hopper (H100/H200) choice and why (D = 128, K = 32, 16-bit features, ResNet layer1/layer2 maps):
+    BLOCK_P = 128 with 8 warps is two warpgroups of M = 64 rows each, the natural wgmma tile, with D = 128 as
+    the N dimension; the fp32 [128, 128] projection accumulator is 64 registers per thread. BLOCK_C = 64
+    16-bit channels is a 128-byte row, one full swizzled shared-memory line, and for channels_last input one
+    fully coalesced 128-byte segment per pixel. Three stages of (16 KB feature tile + 16 KB weight tile) are
+    96 KB of shared memory, so two programs fit in an SM's 228 KB and keep roughly 64 KB of loads in flight
+    per SM, more than the ~30 KB that Little's law asks for at ~4.8 TB/s and ~0.8 us latency over 132 SMs.
+    With N >= 256 there are >= 2 programs per SM. The arithmetic intensity for 16-bit features is
+    (C + K) * D * 2 / (2 C) flops per byte: ~190 at C = 64, ~140 at C >= 256, against a dense fp16
+    tensor-core ridge of ~200 (H200) or ~300 (H100): memory-bound at C >= 256, at the ridge at C = 64 on an
+    H200, which is why both dots run on tensor cores in the input dtype rather than in fp32. These are
+    reasoned first choices, not tuned ones: no GPU was available when they were written; ``python
+    bench/heads.py --sweep`` on a GPU compares them with neighbouring configurations.
+    """
+    d_pad = max(16, _next_pow2(dim))
+    k_pad = max(16, _next_pow2(n_prototypes))
+    block_p = min(128, max(16, _next_pow2(hw)), max(16, (128 * 128) // d_pad))
+    c_cap = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+    block_c = min(c_cap, max(16, _next_pow2(in_channels)))
+    num_c_chunks = -(-in_channels // block_c)
+    return {
+        "BLOCK_P": block_p,
+        "BLOCK_C": block_c,
+        "NUM_C_CHUNKS": num_c_chunks,
+        "C_STATIC": num_c_chunks <= 8,
+        "D_PAD": d_pad,
+        "K_PAD": k_pad,
+        "BLOCK_NC": min(max(16, _next_pow2(n_classes)), max(16, 8192 // d_pad)),
+        "num_warps": 8 if block_p * d_pad >= 128 * 128 else 4,
+        "num_stages": 3 if dtype in (torch.float16, torch.bfloat16) else 2,
+    }
+
+
+def _check(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+) -> None:
+    if not isinstance(features, torch.Tensor) or features.dim() != 4:
+        got = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"features: expected a 4-D tensor [N, C, H, W], got {got}")
+    if features.dtype not in _FEATURE_DTYPES:
+        raise ValueError(
+            f"features: expected a dtype in {[str(d) for d in _FEATURE_DTYPES]}, got {features.dtype}"
+        )
+    if proj_weight.dim() != 2:
+        raise ValueError(f"proj_weight: expected a 2-D tensor [D, C], got shape {list(proj_weight.shape)}")
+    d, c = proj_weight.shape
+    if features.shape[1] != c:
+        raise ValueError(
+            f"features: expected {c} channels (dim 1, the head's in_channels), got {features.shape[1]} "
+            f"(shape {list(features.shape)})"
+        )
+    if features.shape[2] == 0 or features.shape[3] == 0:
+        raise ValueError(f"features: expected a non-empty H x W, got shape {list(features.shape)}")
+    if prototypes.dim() != 2 or prototypes.shape[1] != d:
+        raise ValueError(f"prototypes: expected shape [K, {d}], got {list(prototypes.shape)}")
+    k = prototypes.shape[0]
+    if list(proj_bias.shape) != [d]:
+        raise ValueError(f"proj_bias: expected shape [{d}], got {list(proj_bias.shape)}")
+    if cls_weight.dim() != 2 or cls_weight.shape[1] != 2 * k + d or cls_weight.shape[0] < 1:
+        raise ValueError(f"cls_weight: expected shape [n_classes, {2 * k + d}], got {list(cls_weight.shape)}")
+    nc = cls_weight.shape[0]
+    if list(cls_bias.shape) != [nc]:
+        raise ValueError(f"cls_bias: expected shape [{nc}], got {list(cls_bias.shape)}")
+    check_thresholds(thresholds, nc)
+    named = [
+        ("proj_weight", proj_weight),
+        ("proj_bias", proj_bias),
+        ("prototypes", prototypes),
+        ("cls_weight", cls_weight),
+        ("cls_bias", cls_bias),
+        ("thresholds", thresholds),
+    ]
+    for name, t in named:
+        if t.device != features.device:
+            raise ValueError(f"{name}: expected device {features.device} (that of features), got {t.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+
+
+def proto_head_exit_reference(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch twin of the fused kernel: the folded head in float32, then the exit rule.
+
+    Returns:
+        logits [N, n_classes] float32, exit [N] bool, pred [N] int64, conf [N] float32.
+    """
+    logits = folded_head_reference(
+        features.float(), proj_weight.float(), proj_bias.float(), prototypes.float(), cls_weight.float(),
+        cls_bias.float(),
+    )  # fmt: skip
+    exit_, pred, conf = exit_decision_reference(logits, thresholds)
+    return logits, exit_, pred, conf
+
+
+def _pixel_stride(x: torch.Tensor) -> int | None:
+    """Stride of the flattened pixel index h * W + w, or None when H and W do not flatten (needs a copy)."""
+    _, _, h, w = x.shape
+    if w == 1:
+        return x.stride(2)
+    if h == 1 or x.stride(2) == w * x.stride(3):
+        return x.stride(3)
+    return None
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored by Triton for 16-bit operands
+
+
+def _launch_proto_head_exit(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the fused Triton kernel directly (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    _check(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
+    if not (features.is_cuda or interpreting()):
+        raise RuntimeError(
+            f"features: the Triton proto_head_exit kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got "
+            f"device {features.device}; call calexnet_fast.kernels.proto_head_exit, which uses the reference"
+        )
+    n, c, h, w = features.shape
+    d, k, nc = proj_weight.shape[0], prototypes.shape[0], cls_weight.shape[0]
+    dev = features.device
+    logits = torch.empty((n, nc), dtype=torch.float32, device=dev)
+    exit_ = torch.empty(n, dtype=torch.bool, device=dev)
+    pred = torch.empty(n, dtype=torch.int64, device=dev)
+    conf = torch.empty(n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return logits, exit_, pred, conf
+    x = features
+    sp = _pixel_stride(x)
+    if sp is None:
+        x = x.contiguous()
+        sp = _pixel_stride(x)
+    dt = x.dtype
+    # Dot operands share the features' dtype (tensor cores need equal operand types); the rest stays fp32.
+    wq = proj_weight.to(dt)
+    pq = prototypes.to(dt)
+    bias = proj_bias.to(torch.float32)
+    cw = cls_weight.to(torch.float32)
+    cb = cls_bias.to(torch.float32).contiguous()
+    thr = thresholds.to(torch.float32).contiguous()
+    cfg = proto_head_launch_config(c, h * w, d, k, nc, dt)
+    kern = kernel_module("_proto_head_kernel")
+    with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
+        kern.proto_head_exit_kernel[(n,)](
+            x, wq, bias, pq, cw, cb, thr, logits, exit_, pred, conf,
+            c, h * w, d, k, nc, 1.0 / (h * w),
+            x.stride(0), x.stride(1), sp,
+            wq.stride(0), wq.stride(1), pq.stride(0), pq.stride(1),
+            cw.stride(0), cw.stride(1), logits.stride(0),
+            BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], NUM_C_CHUNKS=cfg["NUM_C_CHUNKS"],
+            C_STATIC=cfg["C_STATIC"], D_PAD=cfg["D_PAD"], K_PAD=cfg["K_PAD"], BLOCK_NC=cfg["BLOCK_NC"],
+            DOT_UPCAST=interpreting(), PREC=_dot_precision(dt),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+    return logits, exit_, pred, conf
+
+
+@torch.library.custom_op("calexnet_fast::proto_head_exit", mutates_args=(), device_types="cuda")
+def _proto_head_exit_op(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ok, why = cuda_usable()
+    if not ok:
+        warn_fallback_once("proto_head_exit", why)
+        return proto_head_exit_reference(
+            features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds
+        )
+    return _launch_proto_head_exit(
+        features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds
+    )
+
+
+@_proto_head_exit_op.register_kernel("cpu")
+def _proto_head_exit_cpu(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return proto_head_exit_reference(
+        features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds
+    )
+
+
+@_proto_head_exit_op.register_fake
+def _proto_head_exit_fake(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = features.shape[0]
+    nc = cls_weight.shape[0]
+    return (
+        features.new_empty((n, nc), dtype=torch.float32),
+        features.new_empty((n,), dtype=torch.bool),
+        features.new_empty((n,), dtype=torch.int64),
+        features.new_empty((n,), dtype=torch.float32),
+    )
+
+
+def proto_head_exit(
+    features: torch.Tensor, folded: FoldedPrototypeHead, thresholds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The branch head and its exit decision in one kernel on CUDA.
+
+    Args:
+        features: [N, C, H, W] branch-point feature map, float16/bfloat16/float32, contiguous or
+            channels_last (other strides are copied to contiguous first).
+        folded: the head's inference form, ``PrototypePoolingHead.fold()``, on the features' device.
+        thresholds: [n_classes] per-class thresholds on the same device; ``+inf`` means never exit.
+
+    Returns:
+        logits: [N, n_classes] float32.
+        exit: [N] bool, ``conf >= thresholds[pred]`` (NaN never exits).
+        pred: [N] int64 argmax of the logits (first maximum on ties).
+        conf: [N] float32 maximum softmax probability.
+
+    CPU tensors use ``proto_head_exit_reference`` (the folded head in float32 + the exit rule).
+    """
+    if not isinstance(folded, FoldedPrototypeHead):
+        raise ValueError(
+            f"folded: expected a calexnet_fast.heads.FoldedPrototypeHead (PrototypePoolingHead.fold()), "
+            f"got {type(folded).__name__}"
+        )
+    args = (folded.proj_weight, folded.proj_bias, folded.prototypes, folded.cls_weight, folded.cls_bias)
+    _check(features, *args, thresholds)
+    return torch.ops.calexnet_fast.proto_head_exit(features, *args, thresholds)
