@@ -1,0 +1,523 @@
+"""Training recipes for early-exit branches on a frozen backbone (DESIGN.md §1).
+
+A :class:`Recipe` says how branch ``k`` is trained and calibrated; :func:`train_branches` runs it on
+cached branch features (``calexnet_fast.training``), one branch after the other:
+
+1. weights ``w_k`` for the training samples from the already trained branches ``1..k-1`` and their
+   thresholds at the training margin ``m_train`` (:func:`survivor_weights`);
+2. train head ``k`` with the recipe's loss (:func:`branch_loss`) weighted by ``w_k``;
+3. calibrate ``τ_k`` at ``m_train`` on the validation split (aligned or not) for the next weights.
+
+The three CalexNet fixes are independent switches, so every one of the 2³ combinations is a recipe:
+
+* ``weighting``: ``"soft"`` survivor weights (fix 1), ``"hard"`` (indicator: the predecessor paper's
+  boosted training) or ``"none"``;
+* ``distill``: KD from the backbone at temperature ``kd_temperature`` (fix 3), optionally mixed with
+  ``ce_weight`` × CE; without it, plain CE on ``ce_target`` (the backbone's argmax, or the labels);
+* ``aligned``: cascade-aligned calibration (fix 2), used both for the ``m_train`` thresholds here and by
+  ``calexnet calibrate``.
+
+:func:`recipe` builds them by name: ``calexnet`` (all fixes), ``reference`` (none),
+``reference+weights`` / ``reference+kd`` / ``reference+aligned`` (one fix) and ``calexnet-weights`` /
+``calexnet-kd`` / ``calexnet-aligned`` (all but one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import calibrate
+from .exit_rule import exit_decision_reference
+from .heads import PrototypePoolingHead
+from .training import (
+    CachedBatch,
+    CacheSource,
+    FeatureCache,
+    FitConfig,
+    fit,
+    load_state_file,
+    predict,
+    save_state_file,
+)
+
+__all__ = [
+    "RECIPE_NAMES",
+    "BranchTraining",
+    "Recipe",
+    "ablation",
+    "branch_loss",
+    "ce_loss",
+    "head_logits",
+    "kd_loss",
+    "load_heads",
+    "make_head",
+    "recipe",
+    "save_heads",
+    "survivor_weights",
+    "train_branches",
+]
+
+WEIGHTINGS = ("none", "hard", "soft")
+CE_TARGETS = ("backbone", "labels")
+FIXES = ("weights", "kd", "aligned")
+
+
+@dataclass
+class Recipe:
+    """How branches are trained and calibrated (defaults: the full CalexNet recipe).
+
+    Attributes:
+        name: label used in run directories and results.
+        weighting: ``"soft"`` (CalexNet), ``"hard"`` or ``"none"`` survivor weights.
+        weight_temperature: t of the soft weights' sigmoid (0.05).
+        weight_floor: weights are floored here before normalising to mean 1 (1e-3).
+        distill: KD loss ``T² KL(softmax(z_b/T) ‖ softmax(z_k/T))`` (CalexNet) instead of plain CE.
+        kd_temperature: T (4).
+        ce_weight: α of an added ``α · CE(z_k, target)`` when distilling (0).
+        ce_target: CE target: ``"backbone"`` (argmax of the backbone's logits) or ``"labels"``.
+        aligned: cascade-aligned CPM calibration (CalexNet) or each branch on the whole validation set.
+        m_train: margin of the thresholds that define the training weights (0.2).
+        margin_mode, min_support, bar_from: CPM options (see ``calexnet_fast.calibration``).
+        head_dim, n_prototypes: ``PrototypePoolingHead`` D and K.
+    """
+
+    name: str = "calexnet"
+    weighting: str = "soft"
+    weight_temperature: float = 0.05
+    weight_floor: float = 1e-3
+    distill: bool = True
+    kd_temperature: float = 4.0
+    ce_weight: float = 0.0
+    ce_target: str = "backbone"
+    aligned: bool = True
+    m_train: float = 0.2
+    margin_mode: str = "additive"
+    min_support: int = 20
+    bar_from: str = "subset"
+    head_dim: int = 128
+    n_prototypes: int = 32
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.ce_target not in CE_TARGETS:
+            raise ValueError(f"ce_target: expected one of {CE_TARGETS}, got {self.ce_target!r}")
+        if not self.weight_temperature > 0:
+            raise ValueError(f"weight_temperature: expected > 0, got {self.weight_temperature}")
+        if not 0 <= self.weight_floor <= 1:
+            raise ValueError(f"weight_floor: expected a value in [0, 1], got {self.weight_floor}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature: expected > 0, got {self.kd_temperature}")
+        if self.ce_weight < 0:
+            raise ValueError(f"ce_weight: expected >= 0, got {self.ce_weight}")
+
+    @property
+    def fixes(self) -> dict[str, bool]:
+        """Which CalexNet fixes are on (``weights`` means soft weights)."""
+        return {"weights": self.weighting == "soft", "kd": self.distill, "aligned": self.aligned}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Recipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"recipe: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _ablation_name(weights: bool, kd: bool, aligned: bool) -> str:
+    on = [n for n, v in zip(FIXES, (weights, kd, aligned), strict=True) if v]
+    if len(on) == 3:
+        return "calexnet"
+    if not on:
+        return "reference"
+    if len(on) == 1:
+        return f"reference+{on[0]}"
+    off = [n for n in FIXES if n not in on]
+    return f"calexnet-{off[0]}"
+
+
+def ablation(weights: bool, kd: bool, aligned: bool, **overrides) -> Recipe:
+    """The recipe with the chosen CalexNet fixes on (soft weights, KD, aligned calibration), others as the
+    reference (no weights, CE on the backbone's argmax, unaligned calibration)."""
+    base = {
+        "name": _ablation_name(weights, kd, aligned),
+        "weighting": "soft" if weights else "none",
+        "distill": kd,
+        "aligned": aligned,
+    }
+    return Recipe(**{**base, **overrides})
+
+
+RECIPE_NAMES: tuple[str, ...] = tuple(
+    _ablation_name(w, k, a) for w in (True, False) for k in (True, False) for a in (True, False)
+)
+
+
+def recipe(name: str = "calexnet", **overrides) -> Recipe:
+    """A named recipe (one of :data:`RECIPE_NAMES`) with optional field overrides."""
+    for w in (True, False):
+        for k in (True, False):
+            for a in (True, False):
+                if _ablation_name(w, k, a) == name:
+                    return ablation(w, k, a, **overrides)
+    raise ValueError(f"recipe: expected one of {list(RECIPE_NAMES)}, got {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# weights and losses
+# --------------------------------------------------------------------------------------------------
+
+
+def survivor_weights(
+    prev_logits: Sequence[torch.Tensor],
+    thresholds: torch.Tensor | Sequence[torch.Tensor],
+    mode: str = "soft",
+    temperature: float = 0.05,
+    floor: float = 1e-3,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Per-sample training weights of the next branch: ``w = ∏_j (1 − e_j)``, floored, mean 1.
+
+    ``e_j`` is the probability that branch j lets the sample out: ``sigmoid((conf_j − τ_j[ĉ_j]) / t)``
+    (``mode="soft"``) or the exit rule's own decision ``conf_j ≥ τ_j[ĉ_j]`` (``"hard"``); ``e_j = 0``
+    where ``τ = +inf`` or the confidence is NaN (never exits). Confidence and prediction come from
+    ``exit_decision_reference``, the one definition of the exit rule.
+
+    Args:
+        prev_logits: logits [N, C] of branches ``1..k-1`` on the training samples (may be empty).
+        thresholds: [k-1, C] (or k-1 tensors [C]) their thresholds.
+        mode: ``"soft"``, ``"hard"`` or ``"none"`` (all ones).
+        temperature: t of the sigmoid.
+        floor: lower bound applied before normalising.
+        normalize: divide by the mean (over these N samples) so the weights average 1.
+
+    Returns:
+        [N] float32 weights.
+    """
+    if mode not in WEIGHTINGS:
+        raise ValueError(f"mode: expected one of {WEIGHTINGS}, got {mode!r}")
+    prev_logits = list(prev_logits)
+    thr = list(thresholds) if not isinstance(thresholds, torch.Tensor) else list(thresholds.unbind(0))
+    if len(thr) != len(prev_logits):
+        raise ValueError(
+            f"thresholds: expected {len(prev_logits)} rows (one per previous branch), got {len(thr)}"
+        )
+    if not prev_logits:
+        raise ValueError("prev_logits: expected at least one previous branch (branch 1 trains with w = 1)")
+    n = prev_logits[0].shape[0]
+    w = torch.ones(n, dtype=torch.float64)
+    if mode != "none":
+        for z, t in zip(prev_logits, thr, strict=True):
+            t = t.to(z.device)
+            ex, pred, conf = exit_decision_reference(z, t)
+            if mode == "hard":
+                e = ex.double()
+            else:
+                e = torch.sigmoid((conf.double() - t.double()[pred]) / temperature)
+                e = torch.where(torch.isnan(e), torch.zeros_like(e), e)  # NaN confidence never exits
+            w = w * (1.0 - e.cpu())
+    w = w.clamp(min=floor)
+    if normalize:
+        w = w / w.mean()
+    return w.float()
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return values.mean()
+    return (weights * values).sum() / weights.sum()
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 4.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Σ w T² KL(softmax(teacher/T) ‖ softmax(student/T)) / Σ w`` (per-sample KL summed over classes).
+
+    Args:
+        student_logits: [B, C] branch logits.
+        teacher_logits: [B, C] backbone logits (no gradient flows into them).
+        temperature: T.
+        weights: optional [B] per-sample weights.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)
+    return t * t * _weighted_mean(kl, weights)
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ w CE(logits, target) / Σ w``; logits [B, C], target [B] int64, weights [B] or ``None``."""
+    return _weighted_mean(F.cross_entropy(logits.float(), target, reduction="none"), weights)
+
+
+def branch_loss(logits: torch.Tensor, batch: CachedBatch, recipe: Recipe) -> torch.Tensor:
+    """The recipe's loss for branch logits [B, C] on a cached batch (uses ``batch.weights`` if set)."""
+    target = batch.backbone_logits.argmax(1) if recipe.ce_target == "backbone" else batch.labels
+    if recipe.distill:
+        loss = kd_loss(logits, batch.backbone_logits, recipe.kd_temperature, batch.weights)
+        if recipe.ce_weight > 0:
+            loss = loss + recipe.ce_weight * ce_loss(logits, target, batch.weights)
+        return loss
+    return ce_loss(logits, target, batch.weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# heads
+# --------------------------------------------------------------------------------------------------
+
+
+def make_head(
+    in_channels: int, n_classes: int, recipe: Recipe | None = None, seed: int | None = None
+) -> nn.Module:
+    """A ``PrototypePoolingHead`` with the recipe's D and K, initialised from ``seed`` if given
+    (without touching the global RNG)."""
+    r = recipe or Recipe()
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return PrototypePoolingHead(in_channels, n_classes, dim=r.head_dim, n_prototypes=r.n_prototypes)
+
+
+def head_logits(
+    head: nn.Module, cache: FeatureCache, branch: int, *, batch_size: int = 1024, device=None
+) -> torch.Tensor:
+    """Logits [N, C] of ``head`` (eval mode) on branch ``branch`` (0-based) of every cached sample."""
+    was = head.training
+    head.eval()
+    try:
+        if device is not None:
+            head.to(device)
+        dev = next(head.parameters()).device
+        return predict(lambda f: head(f[branch]), cache, branches=[branch], batch_size=batch_size, device=dev)
+    finally:
+        head.train(was)
+
+
+def save_heads(path: str | os.PathLike, heads: Sequence[nn.Module], config: dict) -> None:
+    """Write K ``PrototypePoolingHead`` s (``heads.{k}.*`` keys) and their config to a safetensors file."""
+    tensors = {}
+    specs = []
+    for k, h in enumerate(heads):
+        for name, v in h.state_dict().items():
+            tensors[f"heads.{k}.{name}"] = v
+        specs.append(
+            {
+                "class": type(h).__name__,
+                "in_channels": getattr(h, "in_channels", None),
+                "n_classes": getattr(h, "n_classes", None),
+                "dim": getattr(h, "dim", None),
+                "n_prototypes": getattr(h, "n_prototypes", None),
+            }
+        )
+    save_state_file(path, tensors, {**config, "heads": specs})
+
+
+def load_heads(
+    path: str | os.PathLike, head_factory: Callable[[int, dict], nn.Module] | None = None
+) -> tuple[nn.ModuleList, dict]:
+    """Read heads written by :func:`save_heads`: (``nn.ModuleList`` in eval mode, config).
+
+    Args:
+        head_factory: ``f(k, spec) -> module`` for heads that are not ``PrototypePoolingHead``.
+
+    Raises:
+        RuntimeError: the file's tensors do not fit the heads its config describes.
+    """
+    tensors, config = load_state_file(path)
+    specs = config.get("heads")
+    if not isinstance(specs, list) or not specs:
+        raise RuntimeError(f"{path}: no 'heads' list in its config; was it written by save_heads?")
+    heads = nn.ModuleList()
+    for k, spec in enumerate(specs):
+        if head_factory is not None:
+            h = head_factory(k, spec)
+        elif spec.get("class") == "PrototypePoolingHead":
+            h = PrototypePoolingHead(
+                spec["in_channels"], spec["n_classes"], dim=spec["dim"], n_prototypes=spec["n_prototypes"]
+            )
+        else:
+            raise RuntimeError(f"{path}: head {k} is a {spec.get('class')!r}; pass head_factory to build it")
+        sd = {n[len(f"heads.{k}.") :]: v for n, v in tensors.items() if n.startswith(f"heads.{k}.")}
+        try:
+            h.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"{path}: head {k} does not fit its stored weights: {e}") from e
+        heads.append(h.eval())
+    return heads, config
+
+
+# --------------------------------------------------------------------------------------------------
+# sequential training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BranchTraining:
+    """Result of :func:`train_branches`.
+
+    Attributes:
+        heads: the K trained heads (eval mode, on CPU).
+        train_thresholds: [K-1, C] thresholds at ``m_train`` of branches 1..K-1 (what defined the
+            weights), or ``None`` with ``weighting="none"``.
+        weight_stats: per branch: min, max and effective sample fraction ``(Σw)² / (N Σw²)``.
+        history: per branch, the :func:`~calexnet_fast.training.fit` history.
+    """
+
+    heads: nn.ModuleList
+    train_thresholds: torch.Tensor | None
+    weight_stats: list[dict] = field(default_factory=list)
+    history: list[list[dict]] = field(default_factory=list)
+
+
+def _weight_stats(w: torch.Tensor) -> dict:
+    w = w.double()
+    return {
+        "min": float(w.min()),
+        "max": float(w.max()),
+        "effective_fraction": float(w.sum() ** 2 / (len(w) * (w * w).sum())),
+    }
+
+
+def train_branches(
+    train_cache: FeatureCache,
+    val_cache: FeatureCache,
+    recipe: Recipe,
+    fit_config: FitConfig,
+    *,
+    head_factory: Callable[[int, int, int], nn.Module] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    run_config: dict | None = None,
+    on_epoch_end: Callable[[int, int, dict], dict | None] | None = None,
+) -> BranchTraining:
+    """Train the K branch heads one after the other with ``recipe`` on cached features.
+
+    Args:
+        train_cache: features of the training split (the heads learn from it).
+        val_cache: features of the validation split (only the ``m_train`` calibration reads it).
+        recipe: the :class:`Recipe`.
+        fit_config: optimisation settings for each head (``seed`` also seeds head ``k``'s initialisation
+            as ``seed * 1000 + k``).
+        head_factory: ``f(k, in_channels, n_classes) -> module`` (default :func:`make_head`).
+        out_dir: ``branch_{k}/`` subfolders hold each head's epoch checkpoints and final ``head.safetensors``;
+            with ``resume`` a finished branch is loaded, an unfinished one continues from its last epoch.
+        device, progress: as in :func:`~calexnet_fast.training.fit`.
+        run_config: extra facts stored with every checkpoint (compared on resume).
+        on_epoch_end: ``f(branch (1-based), epoch, record)`` hook forwarded to ``fit``.
+
+    Returns:
+        :class:`BranchTraining`.
+    """
+    if train_cache.n_branches != val_cache.n_branches or train_cache.n_classes != val_cache.n_classes:
+        raise ValueError(
+            f"val_cache: expected {train_cache.n_branches} branches and {train_cache.n_classes} classes like "
+            f"train_cache, got {val_cache.n_branches} and {val_cache.n_classes}"
+        )
+    k_count, n_classes = train_cache.n_branches, train_cache.n_classes
+    out = Path(out_dir) if out_dir is not None else None
+    y_val = val_cache.labels_tensor()
+    z_val_bb = val_cache.logits_tensor()
+    heads = nn.ModuleList()
+    train_logits: list[torch.Tensor] = []
+    val_logits: list[torch.Tensor] = []
+    thresholds: torch.Tensor | None = None
+    result = BranchTraining(heads, None)
+    base = {"recipe": recipe.to_json(), "fit": asdict(fit_config), **(run_config or {})}
+    for k in range(k_count):
+        in_ch = train_cache.branch_shapes[k][0]
+        if head_factory is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(fit_config.seed * 1000 + k)
+                head = head_factory(k, in_ch, n_classes)
+        else:
+            head = make_head(in_ch, n_classes, recipe, seed=fit_config.seed * 1000 + k)
+        if k == 0 or recipe.weighting == "none":
+            weights = None
+        else:
+            weights = survivor_weights(
+                train_logits, thresholds, recipe.weighting, recipe.weight_temperature, recipe.weight_floor
+            )
+        result.weight_stats.append(
+            _weight_stats(weights if weights is not None else torch.ones(len(train_cache)))
+        )
+        bdir = out / f"branch_{k + 1}" if out is not None else None
+        final = bdir / "head.safetensors" if bdir is not None else None
+        history: list[dict] = []
+        if final is not None and resume and final.is_file():
+            tensors, cfg = load_state_file(final)
+            if json.loads(json.dumps(cfg.get("run", {}))) != json.loads(json.dumps(base)):
+                raise RuntimeError(
+                    f"{final} was trained with a different recipe or configuration; use a new output "
+                    "directory or turn resuming off (--no-resume)"
+                )
+            head.load_state_dict(tensors)
+            history = cfg.get("history", [])
+        else:
+
+            def loss_fn(model, batch, _k=k):
+                return branch_loss(model(batch.features[_k]), batch, recipe)
+
+            hook = None
+            if on_epoch_end is not None:
+
+                def hook(epoch, record, _k=k):
+                    return on_epoch_end(_k + 1, epoch, record)
+
+            fr = fit(
+                head,
+                CacheSource(train_cache, weights, branches=[k]),
+                loss_fn,
+                fit_config,
+                checkpoint_dir=bdir,
+                resume=resume,
+                device=device,
+                progress=progress,
+                desc=f"{recipe.name} branch {k + 1}/{k_count}",
+                run_config={**base, "branch": k + 1},
+                on_epoch_end=hook,
+            )
+            history = fr.history
+            if final is not None:
+                save_state_file(
+                    final,
+                    head.state_dict(),
+                    {"run": base, "branch": k + 1, "history": history, "weights": result.weight_stats[-1]},
+                )
+        head.eval()
+        result.history.append(history)
+        heads.append(head)
+        if recipe.weighting != "none" and k + 1 < k_count:
+            train_logits.append(head_logits(head, train_cache, k))
+            val_logits.append(head_logits(head, val_cache, k))
+            thresholds = calibrate(
+                val_logits,
+                z_val_bb,
+                y_val,
+                recipe.m_train,
+                aligned=recipe.aligned,
+                margin_mode=recipe.margin_mode,
+                min_support=recipe.min_support,
+                bar_from=recipe.bar_from,
+            )
+    result.heads = heads.cpu()
+    result.train_thresholds = thresholds
+    return result
