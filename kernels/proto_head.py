@@ -180,8 +180,12 @@ def _launch_proto_head_exit(
     cls_weight: torch.Tensor,
     cls_bias: torch.Tensor,
     thresholds: torch.Tensor,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the fused Triton kernel directly (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    """Run the fused Triton kernel directly (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    ``config`` overrides entries of ``proto_head_launch_config`` (for ``bench/heads.py --sweep`` only).
+    """
     _check(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
     if not (features.is_cuda or interpreting()):
         raise RuntimeError(
@@ -211,6 +215,10 @@ def _launch_proto_head_exit(
     cb = cls_bias.to(torch.float32).contiguous()
     thr = thresholds.to(torch.float32).contiguous()
     cfg = proto_head_launch_config(c, h * w, d, k, nc, dt)
+    if config:
+        cfg.update(config)
+        cfg["NUM_C_CHUNKS"] = -(-c // cfg["BLOCK_C"])
+        cfg["C_STATIC"] = config.get("C_STATIC", cfg["NUM_C_CHUNKS"] <= 8)
     kern = kernel_module("_proto_head_kernel")
     with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
         kern.proto_head_exit_kernel[(n,)](

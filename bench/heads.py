@@ -1,0 +1,291 @@
+"""Micro-benchmarks of the Triton kernels: the fused prototype head + exit decision, and the exit decision.
+
+    python bench/heads.py [--device cpu|cuda] [--quick] [--batch N] [--dtype bfloat16|float16|float32]
+                          [--channels-last] [--classes 1000] [--sweep] [--json PATH]
+
+Head (DESIGN.md §1, D = 128, K = 32) on the branch-point feature maps of a 224x224 input: ResNet18 layer1 /
+layer2 (64x56x56, 128x28x28) and ResNet50 layer1 / layer2 (256x56x56, 512x28x28), N = 256 on CUDA.
+Methods, all producing (logits, exit, pred, conf):
+  fused    calexnet_fast.kernels.proto_head_exit (one Triton kernel; CUDA only)
+  eager    the reference head in eager PyTorch in the features' dtype (folded head + exit rule)
+  compile  torch.compile of that same reference function
+GB/s counts the features read once (the roofline floor: nothing else the head does needs to touch memory);
+``%bw`` is that rate over the measured device copy bandwidth. Exit decision: N x classes logits (float32),
+fused kernel vs eager exit rule vs its torch.compile.
+
+On CUDA times come from ``triton.testing.do_bench`` (median, L2 flushed between runs). Without a GPU,
+Triton cannot run: the script says so, benchmarks the eager reference and torch.compile only (median wall
+time of a few runs) at a tiny batch (default N = 4), and the numbers are for CPU, not the GPU targets.
+``--sweep`` (CUDA) times neighbouring launch configurations of the fused kernel against the rule's choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calexnet_fast.kernels import exit_decision, proto_head_exit, proto_head_launch_config, triton_status  # noqa: E402
+from common import environment, median_time, write_json  # noqa: E402
+
+from calexnet_fast.exit_rule import exit_decision_reference  # noqa: E402
+from calexnet_fast.heads import PrototypePoolingHead, folded_head_reference  # noqa: E402
+
+SHAPES = [
+    ("resnet18.layer1", 64, 56, 56),
+    ("resnet18.layer2", 128, 28, 28),
+    ("resnet50.layer1", 256, 56, 56),
+    ("resnet50.layer2", 512, 28, 28),
+]
+EXIT_CLASSES = [10, 100, 1000]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def reference_head_exit(x, w, b, p, cw, cb, thr):
+    """The eager reference head in the features' dtype, then the exit rule."""
+    logits = folded_head_reference(x, w, b, p, cw, cb)
+    ex, pred, conf = exit_decision_reference(logits, thr)
+    return logits, ex, pred, conf
+
+
+class Timer:
+    def __init__(self, device: torch.device, repeats: int):
+        self.device = device
+        self.repeats = repeats
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        """Median seconds per call."""
+        if self.cuda:
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+        return median_time(fn, self.device, repeats=self.repeats, warmup=1)
+
+
+def copy_bandwidth(device: torch.device, timer: Timer) -> float:
+    """GB/s of a plain large copy (read + write): the measured memory bandwidth."""
+    n = (256 if device.type == "cuda" else 32) * 2**20
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n * 4 / timer(lambda: dst.copy_(src)) / 1e9
+
+
+def _compile(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def bench_heads(args, device, timer, fused_ok, peak_bw, n_batch, dtype) -> list[dict]:
+    rows = []
+    shapes = SHAPES[:2] if args.quick and device.type == "cpu" else SHAPES
+    for name, c, h, w in tqdm(shapes, desc="heads", disable=None):
+        torch.manual_seed(0)
+        head = PrototypePoolingHead(c, args.classes).eval()
+        folded = head.fold().to(device)
+        x = torch.randn(n_batch, c, h, w, device=device).relu_().to(dtype)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        thr = torch.full((args.classes,), 0.5, device=device)
+        bufs = [t.to(dtype) for t in folded.buffers()]
+        eager = partial(reference_head_exit, x, *bufs, thr)
+        compiled = partial(_compile(reference_head_exit), x, *bufs, thr)
+        compiled()  # compile outside the timing
+        times = {"eager": timer(eager), "compile": timer(compiled)}
+        check = {}
+        if fused_ok:
+            fused = partial(proto_head_exit, x, folded, thr)
+            out = fused()
+            ref = reference_head_exit(x.float(), *[t.float() for t in folded.buffers()], thr)
+            check = {
+                "max_abs_err_vs_fp32": float((out[0] - ref[0]).abs().max()),
+                "pred_agree": float((out[2] == ref[2]).float().mean()),
+            }
+            times["fused"] = timer(fused)
+        nbytes = x.numel() * x.element_size()
+        row = {
+            "shape": name,
+            "N": n_batch,
+            "C": c,
+            "H": h,
+            "W": w,
+            "dtype": str(dtype).replace("torch.", ""),
+            "channels_last": bool(args.channels_last),
+            "feature_bytes": nbytes,
+            "ms": {k: v * 1e3 for k, v in times.items()},
+            "GBps": {k: nbytes / v / 1e9 for k, v in times.items()},
+            **check,
+        }
+        if peak_bw:
+            row["pct_of_copy_bw"] = {k: 100 * nbytes / v / 1e9 / peak_bw for k, v in times.items()}
+        if "fused" in times:
+            row["speedup_vs_eager"] = times["eager"] / times["fused"]
+            row["speedup_vs_compile"] = times["compile"] / times["fused"]
+        rows.append(row)
+    return rows
+
+
+def bench_exit(args, device, timer, fused_ok, peak_bw, n_rows_list) -> list[dict]:
+    rows = []
+    cases = list(itertools.product(n_rows_list, EXIT_CLASSES))
+    for n, c in tqdm(cases, desc="exit_decision", disable=None):
+        z = torch.randn(n, c, device=device) * 3
+        thr = torch.full((c,), 0.5, device=device)
+        compiled = partial(_compile(exit_decision_reference), z, thr)
+        compiled()
+        times = {"eager": timer(partial(exit_decision_reference, z, thr)), "compile": timer(compiled)}
+        if fused_ok:
+            assert torch.equal(exit_decision(z, thr)[1], exit_decision_reference(z, thr)[1])
+            times["fused"] = timer(partial(exit_decision, z, thr))
+        nbytes = z.numel() * z.element_size()
+        row = {
+            "N": n,
+            "classes": c,
+            "logit_bytes": nbytes,
+            "ms": {k: v * 1e3 for k, v in times.items()},
+            "GBps": {k: nbytes / v / 1e9 for k, v in times.items()},
+        }
+        if peak_bw:
+            row["pct_of_copy_bw"] = {k: 100 * nbytes / v / 1e9 / peak_bw for k, v in times.items()}
+        if "fused" in times:
+            row["speedup_vs_eager"] = times["eager"] / times["fused"]
+            row["speedup_vs_compile"] = times["compile"] / times["fused"]
+        rows.append(row)
+    return rows
+
+
+def sweep(args, device, timer, n_batch, dtype) -> list[dict]:
+    """Fused-kernel times of neighbouring launch configurations (not used on tested paths)."""
+    from calexnet_fast.kernels.proto_head import _launch_proto_head_exit
+
+    out = []
+    for name, c, h, w in SHAPES:
+        torch.manual_seed(0)
+        folded = PrototypePoolingHead(c, args.classes).eval().fold().to(device)
+        x = torch.randn(n_batch, c, h, w, device=device).relu_().to(dtype)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        thr = torch.full((args.classes,), 0.5, device=device)
+        bufs = list(folded.buffers())
+        rule = proto_head_launch_config(c, h * w, 128, 32, args.classes, dtype)
+        results = []
+        grid = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
+        for bp, bc, nw, ns in tqdm(list(grid), desc=f"sweep {name}", disable=None):
+            cfg = {"BLOCK_P": bp, "BLOCK_C": bc, "num_warps": nw, "num_stages": ns}
+            try:
+                t = timer(partial(_launch_proto_head_exit, x, *bufs, thr, config=cfg))
+            except Exception as e:  # out of shared memory / registers: not a valid configuration
+                results.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                continue
+            results.append({**cfg, "ms": t * 1e3})
+        ok = [r for r in results if "ms" in r]
+        rule_cfg = {k: rule[k] for k in ("BLOCK_P", "BLOCK_C", "num_warps", "num_stages")}
+        chosen = next((r for r in ok if all(r[k] == v for k, v in rule_cfg.items())), None)
+        best = min(ok, key=lambda r: r["ms"]) if ok else None
+        rule_ms = chosen["ms"] if chosen else None
+        out.append({"shape": name, "rule": rule_cfg, "rule_ms": rule_ms, "best": best, "all": results})
+        if best:
+            rule_txt = f"{rule_ms:.3f}" if rule_ms else "n/a"
+            print(f"sweep {name}: rule {rule_cfg} {rule_txt} ms, best {best['ms']:.3f} ms with {best}")
+    return out
+
+
+def _fmt(d: dict, key: str, spec: str = ".3f") -> str:
+    return format(d[key], spec) if key in d else "-"
+
+
+def print_tables(head_rows, exit_rows, fused_ok) -> None:
+    print()
+    hdr = f"{'head shape':<17}{'N':>5}{'dtype':>10}  {'eager ms':>9}{'compile ms':>11}{'fused ms':>9}"
+    hdr += f"{'fused GB/s':>11}{'%copy bw':>9}{'x eager':>8}{'x compile':>10}"
+    print(hdr)
+    for r in head_rows:
+        ms, gb = r["ms"], r["GBps"]
+        pct = r.get("pct_of_copy_bw", {})
+        line = f"{r['shape']:<17}{r['N']:>5}{r['dtype']:>10}  {ms['eager']:>9.3f}{ms['compile']:>11.3f}"
+        line += f"{_fmt(ms, 'fused'):>9}{_fmt(gb, 'fused', '.0f'):>11}{_fmt(pct, 'fused', '.0f'):>9}"
+        line += f"{_fmt(r, 'speedup_vs_eager', '.2f'):>8}{_fmt(r, 'speedup_vs_compile', '.2f'):>10}"
+        print(line)
+    print()
+    print(
+        f"{'exit N':>8}{'classes':>8}  {'eager ms':>9}{'compile ms':>11}{'fused ms':>9}"
+        f"{'x eager':>8}{'x compile':>10}"
+    )
+    for r in exit_rows:
+        ms = r["ms"]
+        line = f"{r['N']:>8}{r['classes']:>8}  {ms['eager']:>9.4f}{ms['compile']:>11.4f}"
+        line += f"{_fmt(ms, 'fused', '.4f'):>9}"
+        line += f"{_fmt(r, 'speedup_vs_eager', '.2f'):>8}{_fmt(r, 'speedup_vs_compile', '.2f'):>10}"
+        print(line)
+    if fused_ok:
+        print(
+            "\ntargets (H200, N >= 256): fused head >= 4x eager, >= 1.5x compile, >= 70 % of copy bandwidth"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes/sizes and repeats")
+    parser.add_argument("--batch", type=int, default=None, help="N (default 256 on CUDA, 4 on CPU)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU"
+    )
+    parser.add_argument("--channels-last", action="store_true", help="features in channels_last")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=None, help="CPU timing repeats")
+    parser.add_argument(
+        "--sweep", action="store_true", help="CUDA: time neighbouring fused-kernel configurations"
+    )
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    usable, how = triton_status()
+    fused_ok = cuda and usable
+    if not cuda:
+        print("Triton needs a GPU here; benchmarking the eager reference and torch.compile only "
+              "(CPU numbers at a tiny batch, not the GPU targets).")  # fmt: skip
+    elif not usable:
+        print(
+            f"Triton cannot run on this GPU ({how}); benchmarking the eager reference and torch.compile only."
+        )
+    print(f"triton: {how}")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    n_batch = args.batch or (256 if cuda else (2 if args.quick else 4))
+    if not cuda:
+        print(f"CPU: N = {n_batch} (tiny on purpose; pass --batch to change)")
+    timer = Timer(device, args.repeats or (3 if args.quick else 5))
+    peak_bw = copy_bandwidth(device, timer)
+    print(f"measured copy bandwidth: {peak_bw:.0f} GB/s ({device})")
+    head_rows = bench_heads(args, device, timer, fused_ok, peak_bw, n_batch, dtype)
+    exit_ns = ([256, 65536] if not args.quick else [256]) if cuda else [n_batch * 64]
+    exit_rows = bench_exit(args, device, timer, fused_ok, peak_bw, exit_ns)
+    print_tables(head_rows, exit_rows, fused_ok)
+    result = {
+        "environment": environment(device),
+        "triton_status": how,
+        "fused_measured": fused_ok,
+        "copy_bandwidth_GBps": peak_bw,
+        "command": " ".join(["python", "bench/heads.py", *(argv if argv is not None else sys.argv[1:])]),
+        "heads": head_rows,
+        "exit_decision": exit_rows,
+    }
+    if args.sweep:
+        if fused_ok:
+            result["sweep"] = sweep(args, device, timer, n_batch, dtype)
+        else:
+            print("--sweep needs a GPU with a working Triton; skipped")
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
