@@ -376,12 +376,14 @@ class BranchTraining:
         heads: the K trained heads (eval mode, on CPU).
         train_thresholds: [K-1, C] thresholds at ``m_train`` of branches 1..K-1 (what defined the
             weights), or ``None`` with ``weighting="none"``.
+        weights: per branch, the [N] training weights it used (``None``: all ones).
         weight_stats: per branch: min, max and effective sample fraction ``(Σw)² / (N Σw²)``.
         history: per branch, the :func:`~calexnet_fast.training.fit` history.
     """
 
     heads: nn.ModuleList
     train_thresholds: torch.Tensor | None
+    weights: list[torch.Tensor | None] = field(default_factory=list)
     weight_stats: list[dict] = field(default_factory=list)
     history: list[list[dict]] = field(default_factory=list)
 
@@ -456,6 +458,7 @@ def train_branches(
             weights = survivor_weights(
                 train_logits, thresholds, recipe.weighting, recipe.weight_temperature, recipe.weight_floor
             )
+        result.weights.append(weights)
         result.weight_stats.append(
             _weight_stats(weights if weights is not None else torch.ones(len(train_cache)))
         )

@@ -658,7 +658,8 @@ class BatchSource:
 def _split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     parts = list(order.split(batch_size))
     if len(parts) > 1 and parts[-1].numel() == 1:  # a batch of one breaks BatchNorm: fold it into the last
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
     return parts
 
 
@@ -1026,7 +1027,11 @@ def fit(
             _save_checkpoint(ckdir, model, optimizer, epoch + 1, result.history, ckpt_config)
         _barrier()
         if on_epoch_end is not None:
+            # hooks (validation, logging) must not shift the training RNG stream, or a resumed run would
+            # differ from an uninterrupted one: restore the state the checkpoint recorded
+            rng_tensors, rng_info = _rng_state()
             extra = on_epoch_end(epoch + 1, record)
+            _restore_rng(rng_tensors, rng_info)
             if extra:
                 record.update(extra)
                 if ckdir is not None and info.is_main:  # keep the metrics in the saved history too
