@@ -158,6 +158,11 @@ class ReferenceCascade(nn.Module):
         n_branches, n_classes, in_channels (-1 = unchecked), branch_points.
 
     The heads run in whatever mode they are in: call ``.eval()`` for inference.
+
+    Export: ``torch.jit.script`` works on the whole module (``forward``, ``simulate``, ``decide``), as long
+    as the stages and heads are scriptable. ``torch.export`` works for :meth:`simulate` (fixed shapes);
+    the real ``forward`` has data-dependent batch sizes (the survivors) and an early stop when none are
+    left, which torch.export cannot trace through the convolutions; use TorchScript or eager for it.
     """
 
     def __init__(

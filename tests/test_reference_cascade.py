@@ -437,3 +437,62 @@ def test_bad_inputs_and_construction():
         apply_exit_rule(torch.zeros(3, 4, 10), torch.zeros(4, 9), torch.zeros(3, 10))
     with pytest.raises(ValueError, match=r"thresholds: expected shape \[3, 10\], got \[10\]"):
         apply_exit_rule(torch.zeros(3, 4, 10), torch.zeros(4, 10), torch.zeros(10))
+
+
+def test_torch_export_of_simulate():
+    c = tiny_cascade(12)
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(12))
+
+    class Simulate(nn.Module):
+        def __init__(self, cascade: ReferenceCascade) -> None:
+            super().__init__()
+            self.cascade = cascade
+
+        def forward(self, x: torch.Tensor) -> SimulatedOutput:
+            return self.cascade.simulate(x)
+
+    ep = torch.export.export(Simulate(c), (x,))
+    got, want = ep.module()(x), c.simulate(x)
+    torch.testing.assert_close(got[0], want.branch_logits, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want.backbone_logits, rtol=0, atol=0)
+
+
+def test_with_prototype_pooling_heads_and_their_folded_form():
+    heads_mod = pytest.importorskip("calexnet_fast.heads")
+    torch.manual_seed(13)
+    bb = B.cifar_resnet(20, branch_points=["layer1.2", "layer2.1", "layer3.0"])
+    heads = [
+        heads_mod.PrototypePoolingHead(ch, 10, dim=16, n_prototypes=8).eval() for ch in bb.branch_channels
+    ]
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    c = ReferenceCascade(bb, heads).eval()
+    sim = c.simulate(x)
+    thr = torch.empty(3, 10)
+    for k in range(3):
+        _, _, conf = exit_decision_reference(sim.branch_logits[k], torch.zeros(10))
+        thr[k] = torch.quantile(conf, 0.5)
+    c.set_thresholds(thr)
+    real = assert_real_equals_simulated(c, x, exact=False)
+    assert int((torch.bincount(real.exit_index, minlength=5)[1:] > 0).sum()) >= 2
+    folded = ReferenceCascade(bb, [h.fold() for h in heads], thr).eval()
+    out = folded(x)
+    # folding changes the logits by float rounding only: the exits agree away from exact ties
+    assert float((out.exit_index == real.exit_index).float().mean()) >= 0.95
+    torch.testing.assert_close(folded.decide(folded.simulate(x)).exit_index, out.exit_index, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_real_equals_simulated():
+    c = tiny_cascade(14).cuda()
+    assert c.thresholds.is_cuda
+    x = torch.randn(257, 3, 8, 8, generator=torch.Generator().manual_seed(14)).cuda()
+    c.set_thresholds(thresholds_from_observed(c, x, 14).cuda())
+    real = c(x)
+    decided = c.decide(c.simulate(x))
+    assert real.logits.is_cuda and real.exit_index.is_cuda
+    assert torch.equal(real.exit_index, decided.exit_index)
+    torch.testing.assert_close(real.logits, decided.logits, rtol=0, atol=0)
+    cpu = tiny_cascade(14)
+    cpu.set_thresholds(c.thresholds.cpu())
+    # CUDA and CPU convolutions round differently, so compare exits where no confidence is near a threshold
+    assert float((cpu(x.cpu()).exit_index == real.exit_index.cpu()).float().mean()) >= 0.9
