@@ -38,8 +38,9 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int, wa
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                        warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2
+) -> dict[str, float]:
     """Median times of several candidates measured in interleaved rounds (fair on a noisy machine)."""
     for fn in fns.values():
         for _ in range(warmup):

@@ -78,14 +78,19 @@ def main(argv: list[str] | None = None) -> dict:
     header = f"{'shape':>20} {'keep':>5} {'compact ms':>11} {'x[mask] ms':>11} {'idx_sel ms':>11} {'vs x[mask]':>10} {'vs idx_sel':>10} {'GB/s':>8}"
     print(header + ("  of copy BW" if peak else ""))
     for r in rows:
-        line = (f"{str(r['shape']):>20} {r['keep']:>5.1f} {r['compact_ms']:>11.3f} {r['bool_index_ms']:>11.3f} "
-                f"{r['index_select_ms']:>11.3f} {r['speedup_vs_bool_index']:>9.2f}x {r['speedup_vs_index_select']:>9.2f}x "
-                f"{r['compact_GBps']:>8.1f}")
+        line = (
+            f"{str(r['shape']):>20} {r['keep']:>5.1f} {r['compact_ms']:>11.3f} {r['bool_index_ms']:>11.3f} "
+            f"{r['index_select_ms']:>11.3f} {r['speedup_vs_bool_index']:>9.2f}x {r['speedup_vs_index_select']:>9.2f}x "
+            f"{r['compact_GBps']:>8.1f}"
+        )
         if peak:
             line += f"  {100 * r['fraction_of_copy_bandwidth']:>5.1f} %"
         print(line)
     worst = min(min(r["speedup_vs_bool_index"], r["speedup_vs_index_select"]) for r in rows)
-    print(f"slowest ratio torch/compact over all cases: {worst:.2f}x" + (f"; device copy bandwidth {peak:.0f} GB/s" if peak else ""))
+    print(
+        f"slowest ratio torch/compact over all cases: {worst:.2f}x"
+        + (f"; device copy bandwidth {peak:.0f} GB/s" if peak else "")
+    )
     result = {"benchmark": "compact", "environment": environment(device), "copy_GBps": peak, "rows": rows}
     write_json(args.json, result)
     return result

@@ -55,7 +55,9 @@ def cascade_plan(device_type: str) -> Plan:
         if status.cpu_path is None:
             reasons.append(f"CPU op library unavailable: {status.cpu_error}")
         heads = "reference"
-        reasons.append("heads run in eager PyTorch on CPU (Triton compiles only for GPUs; its interpreter is for tests)")
+        reasons.append(
+            "heads run in eager PyTorch on CPU (Triton compiles only for GPUs; its interpreter is for tests)"
+        )
     else:
         raise ValueError(f"device_type: expected 'cpu' or 'cuda', got {device_type!r}")
     return Plan(device_type, compaction, heads, tuple(reasons))

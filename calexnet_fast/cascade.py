@@ -2,8 +2,8 @@
 
 :class:`ReferenceCascade` runs a frozen staged backbone with ``K`` branch heads and per-class thresholds
 and really skips work: after each branch the samples that exit are scattered into the output buffer at their
-input positions (``calexnet_fast.ops.scatter_rows_``), the survivors are compacted into a dense batch
-(``calexnet_fast.ops.compact``) and only they run the next stage. :meth:`ReferenceCascade.simulate` computes
+input positions and the survivors are gathered into a dense batch, both by plain boolean indexing, and only
+they run the next stage (``calexnet_fast.Cascade`` does the same with the fast ops). :meth:`ReferenceCascade.simulate` computes
 every branch's logits and the backbone's for every sample in one pass, and :func:`apply_exit_rule` turns
 those into the very output the real cascade gives (calibration and evaluation use that pair).
 
@@ -23,7 +23,6 @@ from torch import nn
 
 from .backbones import StagedBackbone
 from .exit_rule import exit_decision_reference
-from .ops import compact, scatter_rows_
 
 __all__ = [
     "CascadeOutput",
@@ -79,13 +78,11 @@ def check_cascade_thresholds(
             thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(
-                f"{name}: expected a tensor of shape [{n_branches}, {n_classes}], "
-                f"got {type(thresholds).__name__}"
+                f"{name}: expected a tensor of shape [{n_branches}, {n_classes}], got {type(thresholds).__name__}"
             ) from None
     if thresholds.dim() != 2 or tuple(thresholds.shape) != (n_branches, n_classes):
         raise ValueError(
-            f"{name}: expected shape [{n_branches}, {n_classes}] (K branches x n_classes), "
-            f"got {list(thresholds.shape)}"
+            f"{name}: expected shape [{n_branches}, {n_classes}] (K branches x n_classes), got {list(thresholds.shape)}"
         )
     if not thresholds.is_floating_point():
         raise ValueError(f"{name}: expected a floating dtype, got {thresholds.dtype}")
@@ -109,22 +106,12 @@ def apply_exit_rule(
         :class:`CascadeOutput`; logits in ``branch_logits``' dtype.
     """
     if branch_logits.dim() != 3:
-        raise ValueError(
-            f"branch_logits: expected a 3-D tensor [K, B, C], got shape {list(branch_logits.shape)}"
-        )
+        raise ValueError(f"branch_logits: expected a 3-D tensor [K, B, C], got shape {list(branch_logits.shape)}")
     n_branches, batch, n_classes = branch_logits.shape[0], branch_logits.shape[1], branch_logits.shape[2]
-    if (
-        backbone_logits.dim() != 2
-        or backbone_logits.shape[0] != batch
-        or backbone_logits.shape[1] != n_classes
-    ):
-        raise ValueError(
-            f"backbone_logits: expected shape [{batch}, {n_classes}], got {list(backbone_logits.shape)}"
-        )
+    if backbone_logits.dim() != 2 or backbone_logits.shape[0] != batch or backbone_logits.shape[1] != n_classes:
+        raise ValueError(f"backbone_logits: expected shape [{batch}, {n_classes}], got {list(backbone_logits.shape)}")
     if thresholds.dim() != 2 or thresholds.shape[0] != n_branches or thresholds.shape[1] != n_classes:
-        raise ValueError(
-            f"thresholds: expected shape [{n_branches}, {n_classes}], got {list(thresholds.shape)}"
-        )
+        raise ValueError(f"thresholds: expected shape [{n_branches}, {n_classes}], got {list(thresholds.shape)}")
     device = branch_logits.device
     exit_index = torch.full([batch], n_branches + 1, dtype=torch.int64, device=device)
     logits = backbone_logits.to(branch_logits.dtype).clone()
@@ -185,14 +172,10 @@ class ReferenceCascade(nn.Module):
             n_classes = bb.n_classes
             in_channels = bb.in_channels
             input_size = bb.input_size if input_size is None else input_size
-        elif isinstance(stages_or_backbone, (Sequence, nn.ModuleList)) and not isinstance(
-            stages_or_backbone, str
-        ):
+        elif isinstance(stages_or_backbone, (Sequence, nn.ModuleList)) and not isinstance(stages_or_backbone, str):
             stages = list(stages_or_backbone)
             if len(stages) < 2:
-                raise ValueError(
-                    f"stages_or_backbone: expected at least 2 stages (K + 1, K >= 1), got {len(stages)}"
-                )
+                raise ValueError(f"stages_or_backbone: expected at least 2 stages (K + 1, K >= 1), got {len(stages)}")
             branch_points = [f"stage{i}" for i in range(len(stages) - 1)]
         else:
             raise ValueError(
@@ -201,14 +184,10 @@ class ReferenceCascade(nn.Module):
             )
         for i, s in enumerate(stages):
             if not isinstance(s, nn.Module):
-                raise ValueError(
-                    f"stages_or_backbone: stage {i}: expected an nn.Module, got {type(s).__name__}"
-                )
+                raise ValueError(f"stages_or_backbone: stage {i}: expected an nn.Module, got {type(s).__name__}")
         n_branches = len(stages) - 1
         if isinstance(heads, nn.Module) and not isinstance(heads, nn.ModuleList):
-            raise ValueError(
-                f"heads: expected a sequence of {n_branches} modules, got a single {type(heads).__name__}"
-            )
+            raise ValueError(f"heads: expected a sequence of {n_branches} modules, got a single {type(heads).__name__}")
         heads = list(heads)
         if len(heads) != n_branches:
             raise ValueError(
@@ -220,12 +199,9 @@ class ReferenceCascade(nn.Module):
         if n_classes is None:
             if thresholds is None:
                 raise ValueError(
-                    "n_classes: expected an int when stages (not a StagedBackbone) "
-                    "and no thresholds are given"
+                    "n_classes: expected an int when stages (not a StagedBackbone) and no thresholds are given"
                 )
-            n_classes = (
-                int(thresholds.shape[-1]) if isinstance(thresholds, torch.Tensor) and thresholds.dim() else 0
-            )
+            n_classes = int(thresholds.shape[-1]) if isinstance(thresholds, torch.Tensor) and thresholds.dim() else 0
             if n_classes == 0:
                 try:
                     n_classes = int(torch.as_tensor(thresholds).shape[-1])
@@ -321,10 +297,12 @@ class ReferenceCascade(nn.Module):
         :meth:`simulate`, which are plain differentiable passes through the heads.
         """
         self.check_input(x)
-        with torch.no_grad():  # inference only: the in-place scatter has no autograd formula
+        with torch.no_grad():  # an inference path: heads train on features() or simulate()
             return self._run(x)
 
     def _run(self, x: torch.Tensor) -> CascadeOutput:
+        # Plain PyTorch on purpose (boolean indexing): this is the semantics the fast Cascade is checked
+        # against, and the baseline it is measured against.
         batch = x.shape[0]
         exit_index = torch.full([batch], self.n_branches + 1, dtype=torch.int64, device=x.device)
         out = torch.empty([0])
@@ -332,7 +310,7 @@ class ReferenceCascade(nn.Module):
         h = x
         alive = True
         k = 0
-        for stage, head in zip(self.stages, self.heads):  # noqa: B905 - K+1 stages, K heads
+        for stage, head in zip(self.stages, self.heads):
             # TorchScript unrolls loops over ModuleLists and forbids `break` there: guard with `alive`.
             if alive:
                 h = stage(h)
@@ -340,17 +318,17 @@ class ReferenceCascade(nn.Module):
                 if k == 0:
                     out = torch.empty([batch, self.n_classes], dtype=z.dtype, device=z.device)
                 ex, _, _ = exit_decision_reference(z, self.thresholds[k])
-                rows, where = compact(z, ex)
-                dest = position.index_select(0, where)
-                scatter_rows_(out, rows.to(out.dtype), dest)
-                exit_index.index_fill_(0, dest, k + 1)
-                h, keep = compact(h, ~ex)
-                position = position.index_select(0, keep)
+                dest = position[ex]
+                out[dest] = z[ex].to(out.dtype)
+                exit_index[dest] = k + 1
+                stay = ~ex
+                h = h[stay]
+                position = position[stay]
                 alive = position.shape[0] > 0
             k += 1
         if alive:
             zb = self.stages[-1](h)
-            scatter_rows_(out, zb.to(out.dtype), position)
+            out[position] = zb.to(out.dtype)
         return CascadeOutput(out, exit_index)
 
     @torch.jit.export

@@ -14,7 +14,9 @@ def check_thresholds(thresholds: torch.Tensor, n_classes: int, name: str = "thre
     if not isinstance(thresholds, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor of shape [{n_classes}], got {type(thresholds).__name__}")
     if thresholds.dim() != 1 or thresholds.shape[0] != n_classes:
-        raise ValueError(f"{name}: expected shape [{n_classes}] (one threshold per class), got {list(thresholds.shape)}")
+        raise ValueError(
+            f"{name}: expected shape [{n_classes}] (one threshold per class), got {list(thresholds.shape)}"
+        )
     if not thresholds.is_floating_point():
         raise ValueError(f"{name}: expected a floating dtype, got {thresholds.dtype}")
 

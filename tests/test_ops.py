@@ -135,7 +135,11 @@ def test_scatter_layouts(device):
     expect = out.clone()
     expect[index] = src
     for o in (out.contiguous(memory_format=torch.channels_last), out.clone()):
-        for s in (src, src.contiguous(memory_format=torch.channels_last), src.transpose(2, 3).contiguous().transpose(2, 3)):
+        for s in (
+            src,
+            src.contiguous(memory_format=torch.channels_last),
+            src.transpose(2, 3).contiguous().transpose(2, 3),
+        ):
             target = o.clone(memory_format=torch.preserve_format)
             ops.scatter_rows_(target, s, index)
             assert torch.equal(target, expect)
@@ -281,7 +285,9 @@ def test_fallback_without_library_warns_and_agrees(tmp_path):
         """
     )
     env = dict(os.environ, CALEXNET_NO_EXTENSION="1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path
+    )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 
