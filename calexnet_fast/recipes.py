@@ -161,8 +161,15 @@ def ablation(weights: bool, kd: bool, aligned: bool, **overrides) -> Recipe:
     return Recipe(**{**base, **overrides})
 
 
-RECIPE_NAMES: tuple[str, ...] = tuple(
-    _ablation_name(w, k, a) for w in (True, False) for k in (True, False) for a in (True, False)
+RECIPE_NAMES: tuple[str, ...] = (
+    "calexnet",
+    "reference",
+    "reference+weights",
+    "reference+kd",
+    "reference+aligned",
+    "calexnet-weights",
+    "calexnet-kd",
+    "calexnet-aligned",
 )
 
 
@@ -212,9 +219,7 @@ def survivor_weights(
     prev_logits = list(prev_logits)
     thr = list(thresholds) if not isinstance(thresholds, torch.Tensor) else list(thresholds.unbind(0))
     if len(thr) != len(prev_logits):
-        raise ValueError(
-            f"thresholds: expected {len(prev_logits)} rows (one per previous branch), got {len(thr)}"
-        )
+        raise ValueError(f"thresholds: expected {len(prev_logits)} rows (one per previous branch), got {len(thr)}")
     if not prev_logits:
         raise ValueError("prev_logits: expected at least one previous branch (branch 1 trains with w = 1)")
     n = prev_logits[0].shape[0]
@@ -283,9 +288,7 @@ def branch_loss(logits: torch.Tensor, batch: CachedBatch, recipe: Recipe) -> tor
 # --------------------------------------------------------------------------------------------------
 
 
-def make_head(
-    in_channels: int, n_classes: int, recipe: Recipe | None = None, seed: int | None = None
-) -> nn.Module:
+def make_head(in_channels: int, n_classes: int, recipe: Recipe | None = None, seed: int | None = None) -> nn.Module:
     """A ``PrototypePoolingHead`` with the recipe's D and K, initialised from ``seed`` if given
     (without touching the global RNG)."""
     r = recipe or Recipe()
@@ -459,9 +462,7 @@ def train_branches(
                 train_logits, thresholds, recipe.weighting, recipe.weight_temperature, recipe.weight_floor
             )
         result.weights.append(weights)
-        result.weight_stats.append(
-            _weight_stats(weights if weights is not None else torch.ones(len(train_cache)))
-        )
+        result.weight_stats.append(_weight_stats(weights if weights is not None else torch.ones(len(train_cache))))
         bdir = out / f"branch_{k + 1}" if out is not None else None
         final = bdir / "head.safetensors" if bdir is not None else None
         history: list[dict] = []

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "BackboneSpec",
     "BackboneTrainConfig",
     "BatchSource",
     "CacheSource",
@@ -48,7 +49,9 @@ __all__ = [
     "FeatureCache",
     "FitConfig",
     "FitResult",
+    "build_backbone",
     "build_feature_cache",
+    "trainable_backbone",
     "dataset_fingerprint",
     "default_device",
     "dist_info",
@@ -1231,3 +1234,105 @@ def train_backbone(
 def replace_config(cfg, **changes):
     """``dataclasses.replace`` that ignores ``None`` values (for CLI overrides)."""
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+# --------------------------------------------------------------------------------------------------
+# backbones by name (what the command line and run directories store)
+# --------------------------------------------------------------------------------------------------
+
+TORCHVISION_ARCHS = ("resnet18", "resnet50")
+
+
+def _cifar_depth(arch: str) -> int | None:
+    if arch.startswith("cifar_resnet") and arch[len("cifar_resnet") :].isdigit():
+        return int(arch[len("cifar_resnet") :])
+    return None
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in TORCHVISION_ARCHS and _cifar_depth(arch) is None:
+        raise ValueError(
+            f"arch: expected one of {list(TORCHVISION_ARCHS)} or cifar_resnet<depth> "
+            f"(depth 6n+2: 20, 32, 44, 56, ...), got {arch!r}"
+        )
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to rebuild the same frozen, staged backbone (stored in a run's ``config.json``).
+
+    Attributes:
+        arch: ``cifar_resnet<depth>`` (e.g. ``cifar_resnet56``), ``resnet18`` or ``resnet50``.
+        n_classes: classifier outputs.
+        checkpoint: weights file (akamaster ``.th``, or ``.safetensors`` from ``calexnet train-backbone``);
+            ``None`` keeps a random initialisation (tests and smoke runs only).
+        stem: torchvision ResNets: ``"cifar"`` (3x3 stride-1 conv, no max-pool) or ``"imagenet"``.
+        branch_points: names of the branch points (default: the backbone's own default).
+        n_branches: pick this many branch points by FLOPs instead (``placement="flops"``).
+        input_size: input side (default 32 for the CIFAR stem / CIFAR ResNets, else 224).
+        mean, std: input normalisation (default ImageNet statistics).
+    """
+
+    arch: str = "cifar_resnet56"
+    n_classes: int = 10
+    checkpoint: str | None = None
+    stem: str = "cifar"
+    branch_points: list[str] | None = None
+    n_branches: int | None = None
+    input_size: int | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        _check_arch(self.arch)
+        if self.branch_points is not None and self.n_branches is not None:
+            raise ValueError("branch_points, n_branches: give one or the other, not both")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> BackboneSpec:
+        d = dict(d)
+        for k in ("mean", "std"):
+            if k in d and d[k] is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def build_backbone(spec: BackboneSpec) -> nn.Module:
+    """The frozen ``StagedBackbone`` a :class:`BackboneSpec` describes (nothing is downloaded)."""
+    from . import backbones
+
+    placement = "flops" if spec.n_branches is not None else None
+    common = {
+        "branch_points": spec.branch_points,
+        "placement": placement,
+        "n_branches": spec.n_branches,
+        "mean": spec.mean,
+        "std": spec.std,
+    }
+    depth = _cifar_depth(spec.arch)
+    if depth is not None:
+        return backbones.cifar_resnet(
+            depth,
+            n_classes=spec.n_classes,
+            checkpoint=spec.checkpoint,
+            input_size=spec.input_size or 32,
+            **common,
+        )
+    fn = getattr(backbones, spec.arch)
+    return fn(spec.n_classes, stem=spec.stem, weights=spec.checkpoint, input_size=spec.input_size, **common)
+
+
+def trainable_backbone(arch: str, n_classes: int, stem: str = "cifar") -> nn.Module:
+    """A fresh, trainable (not staged, not frozen) network of ``arch`` whose state dict
+    :func:`build_backbone` loads as ``checkpoint``."""
+    _check_arch(arch)
+    from . import backbones
+
+    depth = _cifar_depth(arch)
+    if depth is not None:
+        return backbones.CifarResNet(depth, n_classes)
+    # the same constructor backbones.resnet18/50 use, so the key names and the stem match exactly
+    return backbones._torchvision_resnet(arch, n_classes, stem, None, 3)

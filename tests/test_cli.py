@@ -1,0 +1,273 @@
+"""The ``calexnet`` command line on synthetic data: help, the whole pipeline, resume after a kill, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import calexnet_fast
+from calexnet_fast import cli, recipes
+
+SYN = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "600",
+    "240",
+    "240",
+    "--synthetic-classes",
+    "5",
+    "--image-size",
+    "16",
+]
+SMALL = ["--head-dim", "16", "--n-prototypes", "4", "--min-support", "8", "--batch-size", "64", "--lr", "3e-3"]
+
+
+def run_cli(*argv: str) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def env_with_package() -> dict:
+    env = dict(os.environ)
+    root = str(Path(calexnet_fast.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_help_for_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("train-backbone", "train", "calibrate", "evaluate"):
+        assert name in out
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage: calexnet " + name in text
+    assert cli.main([]) == 2  # no command: help, non-zero
+    # the module runs as a program too (what the console script calls)
+    p = subprocess.run(
+        [sys.executable, "-m", "calexnet_fast.cli", "train", "--help"],
+        env=env_with_package(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0 and "--recipe" in p.stdout and "calexnet calibrate" in p.stdout
+
+
+def test_plugins_can_register_commands(monkeypatch, tmp_path, capsys):
+    mod = tmp_path / "calexnet_plugin_probe.py"
+    mod.write_text(
+        "def _args(p):\n    p.add_argument('--x', type=int, default=3)\n"
+        "def _run(a):\n    print('probe', a.x)\n    return 0\n"
+        "CLI_COMMANDS = [dict(name='probe', help='a probe', add_arguments=_args, run=_run)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "PLUGIN_MODULES", ("calexnet_plugin_probe", "calexnet_no_such_module"))
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    assert cli.main(["probe", "--x", "7"]) == 0
+    assert "probe 7" in capsys.readouterr().out
+
+
+def test_pipeline_train_backbone_train_calibrate_evaluate(tmp_path):
+    bb_dir, run = tmp_path / "bb", tmp_path / "run"
+    assert (
+        run_cli(
+            "train-backbone",
+            "--arch",
+            "cifar_resnet8",
+            *SYN,
+            "--epochs",
+            "3",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.05",
+            "--workers",
+            "0",
+            "--out",
+            bb_dir,
+            "--quiet",
+        )
+        == 0
+    )
+    meta = json.loads((bb_dir / "backbone.json").read_text())
+    assert meta["n_classes"] == 5 and meta["test_accuracy"] > 0.4
+    assert (
+        run_cli(
+            "train",
+            *SYN,
+            "--backbone-run",
+            bb_dir,
+            "--recipe",
+            "calexnet",
+            *SMALL,
+            "--epochs",
+            "3",
+            "--cache",
+            "disk",
+            "--out",
+            run,
+            "--quiet",
+        )
+        == 0
+    )
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["recipe"]["name"] == "calexnet" and cfg["backbone"]["arch"] == "cifar_resnet8"
+    assert cfg["backbone"]["branch_points"] == ["layer1", "layer2"]
+    for f in (
+        "heads.safetensors",
+        "heads.json",
+        "train_log.json",
+        "cache/train.safetensors",
+        "cache/val.safetensors",
+        "branches/branch_1/head.safetensors",
+        "branches/branch_2/checkpoint.safetensors",
+    ):
+        assert (run / f).is_file(), f
+    log = json.loads((run / "train_log.json").read_text())
+    assert log["weight_stats"][1]["effective_fraction"] < 1.0  # soft weights were used for branch 2
+    assert run_cli("calibrate", "--run", run, "--margins", "0:0.3:4", "--quiet") == 0
+    thr = json.loads((run / "thresholds.json").read_text())
+    assert thr["margins"] == pytest.approx([0, 0.1, 0.2, 0.3]) and thr["aligned"] is True
+    assert run_cli("evaluate", "--run", run, "--quiet") == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["n"] == 240 and len(res["points"]) == 4 and res["recipe"] == "calexnet"
+    first, last = res["points"][0], res["points"][-1]
+    assert first["accuracy"] > 0.4, "far above chance (0.2)"
+    assert last["flops_reduction"] > first["flops_reduction"] > -0.5
+    assert sum(first["exit_fractions"]) == pytest.approx(1.0)
+    # the reference recipe in the same cache directory reuses the cached features
+    ref = tmp_path / "ref"
+    mtime = (run / "cache" / "train.safetensors").stat().st_mtime_ns
+    assert (
+        run_cli(
+            "train",
+            *SYN,
+            "--backbone-run",
+            bb_dir,
+            "--recipe",
+            "reference",
+            *SMALL,
+            "--epochs",
+            "1",
+            "--cache",
+            "disk",
+            "--cache-dir",
+            run / "cache",
+            "--out",
+            ref,
+            "--quiet",
+        )
+        == 0
+    )
+    assert (run / "cache" / "train.safetensors").stat().st_mtime_ns == mtime
+    assert json.loads((ref / "config.json").read_text())["recipe"]["aligned"] is False
+
+
+TRAIN_RANDOM = ["train", *SYN, "--backbone", "cifar_resnet8", "--random-init", *SMALL, "--threads", "1", "--quiet"]
+
+
+def test_interrupted_train_resumes_to_the_same_heads(tmp_path, monkeypatch, capsys):
+    # uninterrupted
+    assert run_cli(*TRAIN_RANDOM, "--epochs", "3", "--out", tmp_path / "a") == 0
+    # interrupted (Ctrl-C) in the middle of branch 2, then the same command again
+    calls = {"n": 0}
+    real = recipes.branch_loss
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3 * 10 + 14:  # 10 steps per epoch: branch 2, epoch 2, step 4
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(recipes, "branch_loss", flaky)
+        assert run_cli(*TRAIN_RANDOM, "--epochs", "3", "--out", tmp_path / "b") == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    ck = json.loads((tmp_path / "b" / "branches" / "branch_2" / "checkpoint.json").read_text())
+    assert ck["epoch"] == 1
+    assert run_cli(*TRAIN_RANDOM, "--epochs", "3", "--out", tmp_path / "b") == 0
+    a, _ = recipes.load_heads(tmp_path / "a" / "heads.safetensors")
+    b, _ = recipes.load_heads(tmp_path / "b" / "heads.safetensors")
+    for ha, hb in zip(a, b, strict=True):
+        for k, v in ha.state_dict().items():
+            assert torch.equal(v, hb.state_dict()[k]), k
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+def test_killed_process_resumes(tmp_path):
+    """SIGKILL a real `calexnet train` process mid-run; the same command then finishes from its checkpoint."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "calexnet_fast.cli", *TRAIN_RANDOM, "--epochs", "40", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env_with_package(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = out / "branches" / "branch_1" / "checkpoint.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.is_file() and json.loads(ckpt.read_text())["epoch"] >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    done_at_kill = json.loads(ckpt.read_text())["epoch"]
+    assert 2 <= done_at_kill < 40
+    p = subprocess.run([*cmd, "--epochs", "40"], env=env_with_package(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    hist = json.loads((out / "branches" / "branch_1" / "head.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == list(range(1, 41))  # no epoch lost, none repeated in the record
+    assert (out / "heads.safetensors").is_file()
+
+
+def test_errors_are_explained(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no weights for --backbone resnet18"):
+        run_cli("train", *SYN, "--backbone", "resnet18", "--out", tmp_path / "x", "--quiet")
+    with pytest.raises(SystemExit, match="no config.json"):
+        run_cli("calibrate", "--run", tmp_path)
+    with pytest.raises(SystemExit, match="--data-dir"):
+        run_cli("train", "--dataset", "cifar10", "--random-init", "--out", tmp_path / "y", "--quiet")
+    with pytest.raises(SystemExit, match="arch"):
+        run_cli("train-backbone", "--arch", "vgg16", *SYN, "--out", tmp_path / "z", "--quiet")
+    with pytest.raises(SystemExit, match="classes"):
+        run_cli(
+            "train",
+            *SYN,
+            "--backbone",
+            "cifar_resnet8",
+            "--checkpoint",
+            _cifar8_checkpoint(tmp_path, n_classes=3),
+            "--out",
+            tmp_path / "w",
+            "--quiet",
+        )
+    with pytest.raises(SystemExit, match="margins"):
+        cli._margins("0:1", None)
+    run = tmp_path / "tiny"
+    assert run_cli(*TRAIN_RANDOM, "--epochs", "1", "--out", run) == 0
+    with pytest.raises(SystemExit, match="calexnet calibrate"):
+        run_cli("evaluate", "--run", run, "--quiet")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+def _cifar8_checkpoint(tmp_path: Path, n_classes: int) -> Path:
+    from safetensors.torch import save_file
+
+    from calexnet_fast.backbones import CifarResNet
+
+    path = tmp_path / f"r8_{n_classes}.safetensors"
+    save_file({k: v.contiguous() for k, v in CifarResNet(8, n_classes).state_dict().items()}, str(path))
+    return path
