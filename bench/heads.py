@@ -213,8 +213,7 @@ def print_tables(head_rows, exit_rows, fused_ok) -> None:
         print(line)
     print()
     print(
-        f"{'exit N':>8}{'classes':>8}  {'eager ms':>9}{'compile ms':>11}{'fused ms':>9}"
-        f"{'x eager':>8}{'x compile':>10}"
+        f"{'exit N':>8}{'classes':>8}  {'eager ms':>9}{'compile ms':>11}{'fused ms':>9}{'x eager':>8}{'x compile':>10}"
     )
     for r in exit_rows:
         ms = r["ms"]
@@ -223,15 +222,133 @@ def print_tables(head_rows, exit_rows, fused_ok) -> None:
         line += f"{_fmt(r, 'speedup_vs_eager', '.2f'):>8}{_fmt(r, 'speedup_vs_compile', '.2f'):>10}"
         print(line)
     if fused_ok:
+        print("\ntargets (H200, N >= 256): fused head >= 4x eager, >= 1.5x compile, >= 70 % of copy bandwidth")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --sass: compile the fused kernel for a GPU target without a GPU and look at the machine code.
+
+_PTR = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.bool: "i1", torch.int64: "i64"}
+
+
+def _compile_for_target(args, kwargs, arch: int):
+    """triton.compile the fused kernel with the arguments of a real launch (same specialisation as the JIT
+    would do: unit ints become constants, 16-divisible ints and pointers get divisibility hints)."""
+    import triton
+    from calexnet_fast.kernels import _proto_head_kernel
+    from triton.backends.compiler import GPUTarget
+
+    fn = _proto_head_kernel.proto_head_exit_kernel
+    names = fn.arg_names
+    consts = {k: v for k, v in kwargs.items() if k in names}
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    sig, attrs = {}, {}
+    for i, (name, a) in enumerate(zip(names, args, strict=False)):
+        if isinstance(a, torch.Tensor):
+            sig[name] = "*" + _PTR[a.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, bool) or (isinstance(a, int) and a == 1):
+            consts[name] = a
+        elif isinstance(a, int):
+            sig[name] = "i32"
+            if a % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+    sig.update({name: "constexpr" for name in consts})
+    src = triton.compiler.ASTSource(fn=fn, signature={n: sig[n] for n in names}, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _sass_loops(cubin: Path, nvdisasm: str) -> list[tuple[int, int, int]]:
+    """(first, last, n_instructions) of every loop (a backward branch) in the SASS, in address order."""
+    import re
+    import subprocess
+
+    text = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    labels, insts = {}, []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(insts)
+            continue
+        m = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            insts.append(m.group(1))
+    loops = []
+    for i, ins in enumerate(insts):
+        m = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", ins)
+        if m and labels.get(m.group(1), i + 1) <= i - 8:  # skip the trailing `BRA self` trap
+            loops.append((labels[m.group(1)], i, i - labels[m.group(1)] + 1))
+    return sorted(loops)
+
+
+def sass_report(args) -> list[dict]:
+    """Registers, spills, shared memory, tensor-core and async-copy use, and SASS instructions per pixel of
+    the fused kernel compiled for sm_<arch> (default 90a, Hopper) for the benchmark shapes. Rough issue
+    model: a Hopper SM issues ~4 warp-instructions per clock (~7.9 G/s at 1.98 GHz) and gets ~36 GB/s of an
+    H200's 4.8 TB/s; so the hot loop stays under the memory time while it needs < ~0.22 warp-instructions
+    per byte of features."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from calexnet_fast.kernels.proto_head import _kernel_arguments
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas, nvdisasm = str(bindir / "ptxas"), str(bindir / "nvdisasm")
+    rows = []
+    dtypes = [DTYPES[args.dtype]] if args.dtype else [torch.bfloat16, torch.float32]
+    for (name, c, h, w), dtype, cl in itertools.product(SHAPES, dtypes, [False, True]):
+        folded = PrototypePoolingHead(c, args.classes).eval().fold()
+        x = torch.zeros(2, c, h, w, dtype=dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        kargs, kwargs, _ = _kernel_arguments(x, *folded.buffers(), torch.zeros(args.classes))
+        ck = _compile_for_target(kargs, kwargs, args.sass_arch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+            ptx.write_text(ck.asm["ptx"])
+            arch = f"sm_{args.sass_arch}a" if args.sass_arch == 90 else f"sm_{args.sass_arch}"
+            out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(ptx), "-o", str(cubin)],
+                                 capture_output=True, text=True, check=True).stderr  # fmt: skip
+            loops = _sass_loops(cubin, nvdisasm)
+        top = [lp for lp in loops if not any(o[0] <= lp[0] and lp[1] <= o[1] and o != lp for o in loops)]
+        pixel, classes = (top[0], top[-1]) if len(top) >= 2 else (None, None)
+        # dynamic channel loop nested in the pixel loop: it runs NUM_C_CHUNKS times per pixel tile
+        inner = [lp for lp in loops if pixel and pixel[0] <= lp[0] and lp[1] <= pixel[1] and lp != pixel]
+        per_tile = pixel[2] + sum(lp[2] for lp in inner) * (kwargs["NUM_C_CHUNKS"] - 1) if pixel else None
+        warps = kwargs["num_warps"]
+        bytes_px = c * x.element_size()
+        row = {
+            "shape": name,
+            "dtype": str(dtype).replace("torch.", ""),
+            "channels_last": cl,
+            "config": {k: kwargs[k] for k in ("BLOCK_P", "BLOCK_C", "C_STATIC", "BLOCK_NC", "num_warps", "num_stages")},
+            "registers": int(re.search(r"Used (\d+) registers", out).group(1)),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", out).group(1)),
+            "shared_bytes": ck.metadata.shared,
+            "wgmma": ck.asm["ptx"].count("wgmma.mma_async"),
+            "cp_async": ck.asm["ptx"].count("cp.async"),
+            "warp_instr_per_pixel": per_tile * warps / kwargs["BLOCK_P"] if per_tile else None,
+            "warp_instr_per_class": classes[2] * warps / kwargs["BLOCK_NC"] if classes else None,
+        }
+        if per_tile:
+            row["warp_instr_per_byte"] = row["warp_instr_per_pixel"] / bytes_px
+        rows.append(row)
         print(
-            "\ntargets (H200, N >= 256): fused head >= 4x eager, >= 1.5x compile, >= 70 % of copy bandwidth"
+            f"{name:<16} {row['dtype']:<9} {'NHWC' if cl else 'NCHW'} regs={row['registers']:<3} "
+            f"spill={row['spill_bytes']:<4} smem={row['shared_bytes'] // 1024:>3}KB wgmma={row['wgmma']:<3} "
+            f"cp.async={row['cp_async']:<3} warp-instr/px={_fmt(row, 'warp_instr_per_pixel', '.1f'):>5} "
+            f"/byte={_fmt(row, 'warp_instr_per_byte', '.3f')} /class={_fmt(row, 'warp_instr_per_class', '.1f')} "
+            f"{row['config']}"
         )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes/sizes and repeats")
     parser.add_argument("--batch", type=int, default=None, help="N (default 256 on CUDA, 4 on CPU)")
@@ -241,11 +358,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels-last", action="store_true", help="features in channels_last")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=None, help="CPU timing repeats")
+    parser.add_argument("--sweep", action="store_true", help="CUDA: time neighbouring fused-kernel configurations")
     parser.add_argument(
-        "--sweep", action="store_true", help="CUDA: time neighbouring fused-kernel configurations"
+        "--sass",
+        action="store_true",
+        help="no GPU needed: compile the fused kernel for --sass-arch and report registers, spills, "
+        "shared memory and SASS instructions per pixel for the benchmark shapes, then exit",
     )
+    parser.add_argument("--sass-arch", type=int, default=90, help="compute capability for --sass (90 = Hopper)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
+    if args.sass:
+        result = {"sass": sass_report(args), "arch": args.sass_arch, "environment": environment(torch.device("cpu"))}
+        write_json(args.json, result)
+        return result
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     usable, how = triton_status()
@@ -254,9 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("Triton needs a GPU here; benchmarking the eager reference and torch.compile only "
               "(CPU numbers at a tiny batch, not the GPU targets).")  # fmt: skip
     elif not usable:
-        print(
-            f"Triton cannot run on this GPU ({how}); benchmarking the eager reference and torch.compile only."
-        )
+        print(f"Triton cannot run on this GPU ({how}); benchmarking the eager reference and torch.compile only.")
     print(f"triton: {how}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     n_batch = args.batch or (256 if cuda else (2 if args.quick else 4))

@@ -49,6 +49,39 @@ def softmax_argmax_finish(m, s, idx, nan_idx, n_classes):
 
 
 @triton.jit
+def softmax_slots_update(z, valid, cols, m, s, idx, nan_idx):
+    """Like ``softmax_argmax_update`` but per slot (column) of the chunk, with no cross-thread reduction:
+    every state tensor has the chunk's shape [R, B] and slot j sees classes j, j + B, j + 2B, ... in
+    ascending order. ``softmax_slots_finish`` combines the slots once at the end."""
+    isnan = z != z
+    zc = tl.where(valid & (~isnan), z, float("-inf"))
+    idx = tl.where(zc > m, cols, idx)  # strictly greater: the slot keeps its first maximum
+    new_m = tl.maximum(m, zc)
+    scale = tl.where(m == float("-inf"), 0.0, tl.exp(m - new_m))
+    e = tl.where(zc == float("-inf"), 0.0, tl.exp(zc - new_m))
+    s = s * scale + e
+    nan_idx = tl.minimum(nan_idx, tl.where(isnan & valid, cols, 2147483647))
+    return new_m, s, idx, nan_idx
+
+
+@triton.jit
+def softmax_slots_finish(m, s, idx, nan_idx, n_classes):
+    """(pred int32 [R], conf fp32 [R]) from per-slot states [R, B], with the semantics of
+    ``softmax_argmax_finish``: the first index of the maximum (NaN first), conf NaN where torch's is."""
+    big = 2147483647
+    mx = tl.max(m, axis=1)
+    ssum = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx[:, None])), axis=1)
+    # all slots -inf: every idx is still 0, and torch.argmax returns 0 as well
+    pred = tl.min(tl.where(m == mx[:, None], idx, big), axis=1)
+    nan_first = tl.min(nan_idx, axis=1)
+    has_nan = nan_first < n_classes
+    pred = tl.where(has_nan, nan_first, pred)
+    conf = tl.where(mx == float("-inf"), float("nan"), 1.0 / ssum)
+    conf = tl.where(has_nan, float("nan"), conf)
+    return pred, conf
+
+
+@triton.jit
 def exit_decision_kernel(
     z_ptr,
     thr_ptr,

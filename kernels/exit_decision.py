@@ -58,9 +58,7 @@ def _check(logits: torch.Tensor, thresholds: torch.Tensor) -> None:
         raise ValueError(f"logits: expected at least one class, got shape {list(logits.shape)}")
     check_thresholds(thresholds, logits.shape[1])
     if thresholds.device != logits.device:
-        raise ValueError(
-            f"thresholds: expected device {logits.device} (that of logits), got {thresholds.device}"
-        )
+        raise ValueError(f"thresholds: expected device {logits.device} (that of logits), got {thresholds.device}")
 
 
 def _launch_exit_decision(
@@ -132,9 +130,7 @@ def _exit_decision_fake(
     )
 
 
-def exit_decision(
-    logits: torch.Tensor, thresholds: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def exit_decision(logits: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exit rule of DESIGN.md §1 for one branch, fused into one kernel on CUDA.
 
     Args:

@@ -6,10 +6,12 @@ Public: ``proto_head_exit(features [N, C, H, W], folded: FoldedPrototypeHead, th
 thresholds)``. Reference twin: ``proto_head_exit_reference`` (the folded head in float32 + the exit rule);
 it is the op's CPU kernel and the fallback when Triton cannot run on a CUDA tensor.
 
-Numerics: features are read in their own dtype (float16, bfloat16 or float32); the projection weight and the
-prototypes are rounded to that dtype for the tensor-core dots, which accumulate in float32; bias, ReLU, norms,
-pooling, classifier and softmax are float32. For float32 features the dots follow
-``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default) -> IEEE fp32, else TF32.
+Numerics: features are read in their own dtype (float16, bfloat16 or float32). The three dots (projection,
+prototype similarity, classifier) take their operands in that dtype, as tensor cores need (projection weight,
+prototypes, classifier weight, the ReLU output and the pooled features are rounded to it, as PyTorch computing
+in that dtype would), and accumulate in float32; bias, ReLU, norms, pooling sums and maxima, softmax are
+float32. For float32 features the dots follow ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's
+default) -> IEEE fp32, else TF32. NaN propagates as in PyTorch, so a NaN feature never exits.
 
 Layout: the kernel reads any layout whose H and W dims flatten to one pixel stride, which covers both
 contiguous NCHW and channels_last (NHWC) without a copy; any other strides are made contiguous first.
@@ -39,46 +41,63 @@ def proto_head_launch_config(
     """Block sizes and launch parameters of the fused kernel (a small deterministic rule, no autotuning).
 
     Rule:
-        grid = (N,): one program per sample, so the pooling reductions over H*W stay in registers and every
-        feature element is read exactly once (no second pass, no atomics, no workspace).
-        BLOCK_P (pixels per tile) = next_pow2(H*W) clamped to [16, 128], and BLOCK_P * D_PAD <= 128 * 128 so
-        the fp32 projection tile stays in registers.
-        BLOCK_C (channels per dot step) = next_pow2(C) clamped to [16, 64] (to [16, 32] for float32 features,
-        whose tiles are twice the bytes). C_STATIC: the channel loop is unrolled when it has <= 8 steps.
+        grid = (N,): one program per sample, so the pooling reductions over H*W stay on chip and every feature
+        element is read exactly once (no second pass, no atomics, no workspace).
+        16-bit features: BLOCK_C (channels per dot step) = next_pow2(C) clamped to [16, 64]; the channel loop
+        is unrolled (C_STATIC) when it has <= 2 steps (C <= 128), then BLOCK_P (pixels per tile) <= 128;
+        otherwise a runtime channel loop and BLOCK_P <= 64. num_stages = 3.
+        float32 features: BLOCK_C <= 32, runtime channel loop, BLOCK_P <= 64, num_stages = 2.
+        BLOCK_P = next_pow2(H*W) clamped to [16, that cap] and BLOCK_P * D_PAD <= 128 * 128.
         D_PAD, K_PAD = next_pow2 of D and K, at least 16 (tl.dot's minimum). BLOCK_NC (classes per epilogue
-        step) = next_pow2(n_classes) clamped to [16, max(16, 8192 // D_PAD)].
-        num_warps = 8 when BLOCK_P * D_PAD >= 128 * 128, else 4; num_stages = 3 for 16-bit features, else 2.
+        step) = next_pow2(n_classes) clamped to [16, 128 * 128 // D_PAD].
+        num_warps = 8 when BLOCK_P * D_PAD >= 64 * 128, else 4.
 
-    Hopper (H100/H200) choice and why (D = 128, K = 32, 16-bit features, ResNet layer1/layer2 maps):
-    BLOCK_P = 128 with 8 warps is two warpgroups of M = 64 rows each, the natural wgmma tile, with D = 128 as
-    the N dimension; the fp32 [128, 128] projection accumulator is 64 registers per thread. BLOCK_C = 64
-    16-bit channels is a 128-byte row, one full swizzled shared-memory line, and for channels_last input one
-    fully coalesced 128-byte segment per pixel. Three stages of (16 KB feature tile + 16 KB weight tile) are
-    96 KB of shared memory, so two programs fit in an SM's 228 KB and keep roughly 64 KB of loads in flight
-    per SM, more than the ~30 KB that Little's law asks for at ~4.8 TB/s and ~0.8 us latency over 132 SMs.
-    With N >= 256 there are >= 2 programs per SM. The arithmetic intensity for 16-bit features is
-    (C + K) * D * 2 / (2 C) flops per byte: ~190 at C = 64, ~140 at C >= 256, against a dense fp16
-    tensor-core ridge of ~200 (H200) or ~300 (H100): memory-bound at C >= 256, at the ridge at C = 64 on an
-    H200, which is why both dots run on tensor cores in the input dtype rather than in fp32. These are
-    reasoned first choices, not tuned ones: no GPU was available when they were written; ``python
-    bench/heads.py --sweep`` on a GPU compares them with neighbouring configurations.
+    Hopper (H100/H200) choice and why (D = 128, K = 32, bf16/fp16 features, ResNet layer1/layer2 maps).
+    No GPU was available when this was written, so the choice rests on compiling the kernel for sm_90a with
+    Triton 3.8 and reading ptxas' report and the SASS (``python bench/heads.py --sass``, no GPU needed):
+    - C <= 128 (ResNet18 layer1/2): BLOCK_P = 128, 8 warps = two warpgroups, each a wgmma tile of M = 64
+      pixels by N = D = 128, BLOCK_C = 64 16-bit channels = one 128-byte row (a full swizzled shared-memory
+      line; for channels_last one coalesced 128-byte segment per pixel). 252-254 registers, no or 32 bytes of
+      spill, 96-136 KB shared memory, cp.async pipelining over the pixel tiles, ~30 warp-instructions per
+      pixel in the hot loop.
+    - C >= 256 (ResNet50 layer1/2): the unrolled channel loop would need 270-530 KB of shared memory for its
+      pipeline buffers (over Hopper's 227 KB) and BLOCK_P = 128 with a runtime channel loop spills, so
+      BLOCK_P = 64 with 8 warps and a runtime channel loop: 220-231 registers, no spill, ~102 KB.
+    - One program per SM (>= 220 registers x 256 threads): load latency is hidden by 3 cp.async stages
+      (~48 KB of feature tiles in flight per SM, above the ~30 KB Little's law asks at ~4.8 TB/s and ~0.8 us
+      over 132 SMs), not by occupancy. With N >= 256 there are ~2 waves.
+    - Issue budget: a Hopper SM issues ~4 warp-instructions per clock (~7.9 G/s) and gets ~36 GB/s of an
+      H200's bandwidth, so the hot loop keeps up with memory below ~0.22 warp-instructions per feature byte:
+      ~0.23 at C = 64 (at the limit), 0.12-0.17 at C >= 128. The per-pixel accumulators (sums and max kept per
+      pixel slot, reduced once after the loop) are what make this possible: reducing over pixels inside the
+      loop tripled the hot loop (~1180 instead of ~475 instructions per 128-pixel tile).
+    - Tensor cores in the input dtype for both dots: at (C + K) * D * 2 / (2 C) flops per byte (~190 at
+      C = 64) the kernel is near Hopper's fp16 ridge (~200 on an H200); fp32 FMA dots would be compute-bound.
+    - float32 features run the dots on FMA units (IEEE) and are a correctness path, not a fast one.
+    These are reasoned first choices, not measured ones; ``python bench/heads.py --sweep`` on a GPU times the
+    neighbouring configurations.
     """
     d_pad = max(16, _next_pow2(dim))
     k_pad = max(16, _next_pow2(n_prototypes))
-    block_p = min(128, max(16, _next_pow2(hw)), max(16, (128 * 128) // d_pad))
-    c_cap = 64 if dtype in (torch.float16, torch.bfloat16) else 32
-    block_c = min(c_cap, max(16, _next_pow2(in_channels)))
-    num_c_chunks = -(-in_channels // block_c)
+    if dtype in (torch.float16, torch.bfloat16):
+        block_c = min(64, max(16, _next_pow2(in_channels)))
+        c_static = -(-in_channels // block_c) <= 2
+        p_cap, num_stages = (128 if c_static else 64), 3
+    else:  # float32: the dots run on FMA units (IEEE) or TF32; smaller tiles keep it free of spills
+        block_c = min(32, max(16, _next_pow2(in_channels)))
+        c_static = False
+        p_cap, num_stages = 64, 2
+    block_p = min(p_cap, max(16, _next_pow2(hw)), max(16, (128 * 128) // d_pad))
     return {
         "BLOCK_P": block_p,
         "BLOCK_C": block_c,
-        "NUM_C_CHUNKS": num_c_chunks,
-        "C_STATIC": num_c_chunks <= 8,
+        "NUM_C_CHUNKS": -(-in_channels // block_c),
+        "C_STATIC": c_static,
         "D_PAD": d_pad,
         "K_PAD": k_pad,
-        "BLOCK_NC": min(max(16, _next_pow2(n_classes)), max(16, 8192 // d_pad)),
-        "num_warps": 8 if block_p * d_pad >= 128 * 128 else 4,
-        "num_stages": 3 if dtype in (torch.float16, torch.bfloat16) else 2,
+        "BLOCK_NC": min(max(16, _next_pow2(n_classes)), max(16, (128 * 128) // d_pad)),
+        "num_warps": 8 if block_p * d_pad >= 64 * 128 else 4,
+        "num_stages": num_stages,
     }
 
 
@@ -95,9 +114,7 @@ def _check(
         got = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
         raise ValueError(f"features: expected a 4-D tensor [N, C, H, W], got {got}")
     if features.dtype not in _FEATURE_DTYPES:
-        raise ValueError(
-            f"features: expected a dtype in {[str(d) for d in _FEATURE_DTYPES]}, got {features.dtype}"
-        )
+        raise ValueError(f"features: expected a dtype in {[str(d) for d in _FEATURE_DTYPES]}, got {features.dtype}")
     if proj_weight.dim() != 2:
         raise ValueError(f"proj_weight: expected a 2-D tensor [D, C], got shape {list(proj_weight.shape)}")
     d, c = proj_weight.shape
@@ -172,6 +189,66 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by Triton for 16-bit operands
 
 
+def _kernel_arguments(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+    config: dict | None = None,
+    dot_upcast: bool = False,
+) -> tuple[tuple, dict, tuple[torch.Tensor, ...]]:
+    """Outputs, positional arguments and keyword arguments (constexprs, launch options) of one launch.
+
+    Device-agnostic (``bench/heads.py --sass`` uses it on CPU tensors to compile for a GPU target).
+    ``config`` overrides entries of ``proto_head_launch_config`` (benchmark sweeps only).
+    """
+    n, c, h, w = features.shape
+    d, k, nc = proj_weight.shape[0], prototypes.shape[0], cls_weight.shape[0]
+    dev = features.device
+    outputs = (
+        torch.empty((n, nc), dtype=torch.float32, device=dev),
+        torch.empty(n, dtype=torch.bool, device=dev),
+        torch.empty(n, dtype=torch.int64, device=dev),
+        torch.empty(n, dtype=torch.float32, device=dev),
+    )
+    x = features
+    sp = _pixel_stride(x)
+    if sp is None:
+        x = x.contiguous()
+        sp = _pixel_stride(x)
+    dt = x.dtype
+    # Dot operands share the features' dtype (tensor cores need equal operand types); the rest stays fp32.
+    wq = proj_weight.to(dt)
+    pq = prototypes.to(dt)
+    bias = proj_bias.to(torch.float32)
+    cw = cls_weight.to(dt)
+    cb = cls_bias.to(torch.float32).contiguous()
+    thr = thresholds.to(torch.float32).contiguous()
+    cfg = proto_head_launch_config(c, h * w, d, k, nc, dt)
+    if config:
+        cfg.update(config)
+        cfg["NUM_C_CHUNKS"] = -(-c // cfg["BLOCK_C"])
+    logits = outputs[0]
+    args = (
+        x, wq, bias, pq, cw, cb, thr, *outputs,
+        c, h * w, d, k, nc, 1.0 / (h * w),
+        x.stride(0), x.stride(1), sp,
+        wq.stride(0), wq.stride(1), pq.stride(0), pq.stride(1),
+        cw.stride(0), cw.stride(1), logits.stride(0),
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], NUM_C_CHUNKS=cfg["NUM_C_CHUNKS"],
+        C_STATIC=cfg["C_STATIC"], EVEN_C=c % cfg["BLOCK_C"] == 0,
+        D_PAD=cfg["D_PAD"], K_PAD=cfg["K_PAD"], BLOCK_NC=cfg["BLOCK_NC"],
+        DOT_UPCAST=dot_upcast, PREC=_dot_precision(dt),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return args, kwargs, outputs
+
+
 def _launch_proto_head_exit(
     features: torch.Tensor,
     proj_weight: torch.Tensor,
@@ -192,47 +269,15 @@ def _launch_proto_head_exit(
             f"features: the Triton proto_head_exit kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got "
             f"device {features.device}; call calexnet_fast.kernels.proto_head_exit, which uses the reference"
         )
-    n, c, h, w = features.shape
-    d, k, nc = proj_weight.shape[0], prototypes.shape[0], cls_weight.shape[0]
-    dev = features.device
-    logits = torch.empty((n, nc), dtype=torch.float32, device=dev)
-    exit_ = torch.empty(n, dtype=torch.bool, device=dev)
-    pred = torch.empty(n, dtype=torch.int64, device=dev)
-    conf = torch.empty(n, dtype=torch.float32, device=dev)
-    if n == 0:
-        return logits, exit_, pred, conf
-    x = features
-    sp = _pixel_stride(x)
-    if sp is None:
-        x = x.contiguous()
-        sp = _pixel_stride(x)
-    dt = x.dtype
-    # Dot operands share the features' dtype (tensor cores need equal operand types); the rest stays fp32.
-    wq = proj_weight.to(dt)
-    pq = prototypes.to(dt)
-    bias = proj_bias.to(torch.float32)
-    cw = cls_weight.to(torch.float32)
-    cb = cls_bias.to(torch.float32).contiguous()
-    thr = thresholds.to(torch.float32).contiguous()
-    cfg = proto_head_launch_config(c, h * w, d, k, nc, dt)
-    if config:
-        cfg.update(config)
-        cfg["NUM_C_CHUNKS"] = -(-c // cfg["BLOCK_C"])
-        cfg["C_STATIC"] = config.get("C_STATIC", cfg["NUM_C_CHUNKS"] <= 8)
+    args, kwargs, outputs = _kernel_arguments(
+        features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds, config, interpreting()
+    )
+    if features.shape[0] == 0:
+        return outputs
     kern = kernel_module("_proto_head_kernel")
-    with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
-        kern.proto_head_exit_kernel[(n,)](
-            x, wq, bias, pq, cw, cb, thr, logits, exit_, pred, conf,
-            c, h * w, d, k, nc, 1.0 / (h * w),
-            x.stride(0), x.stride(1), sp,
-            wq.stride(0), wq.stride(1), pq.stride(0), pq.stride(1),
-            cw.stride(0), cw.stride(1), logits.stride(0),
-            BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], NUM_C_CHUNKS=cfg["NUM_C_CHUNKS"],
-            C_STATIC=cfg["C_STATIC"], D_PAD=cfg["D_PAD"], K_PAD=cfg["K_PAD"], BLOCK_NC=cfg["BLOCK_NC"],
-            DOT_UPCAST=interpreting(), PREC=_dot_precision(dt),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
-    return logits, exit_, pred, conf
+    with torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext():
+        kern.proto_head_exit_kernel[(features.shape[0],)](*args, **kwargs)
+    return outputs
 
 
 @torch.library.custom_op("calexnet_fast::proto_head_exit", mutates_args=(), device_types="cuda")
@@ -248,12 +293,8 @@ def _proto_head_exit_op(
     ok, why = cuda_usable()
     if not ok:
         warn_fallback_once("proto_head_exit", why)
-        return proto_head_exit_reference(
-            features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds
-        )
-    return _launch_proto_head_exit(
-        features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds
-    )
+        return proto_head_exit_reference(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
+    return _launch_proto_head_exit(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
 
 
 @_proto_head_exit_op.register_kernel("cpu")
@@ -266,9 +307,7 @@ def _proto_head_exit_cpu(
     cls_bias: torch.Tensor,
     thresholds: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return proto_head_exit_reference(
-        features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds
-    )
+    return proto_head_exit_reference(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
 
 
 @_proto_head_exit_op.register_fake

@@ -113,6 +113,7 @@ HEAD_CASES = [
     (2, 36, 8, 8, 10, torch.float32, "contiguous", 96, 10),  # D, K not powers of two
     (2, 32, 7, 7, 20, torch.float16, "strided", 128, 32),  # H, W do not flatten: copied to contiguous
     (1, 16, 1, 5, 10, torch.float32, "contiguous", 128, 32),  # H == 1
+    (2, 64, 8, 8, 300, torch.float32, "channels_last", 128, 32),  # 3 class chunks in the epilogue
 ]
 
 
@@ -163,9 +164,7 @@ def _check_head_case(n, c, h, w, n_classes, dtype, layout, dim, k, seed=0):
 
 
 @kernel_test
-@pytest.mark.parametrize(
-    "case", HEAD_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{c[4]}cls-{c[5]}-{c[6]}"
-)
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{c[4]}cls-{c[5]}-{c[6]}")
 def test_kernel_proto_head_exit(case):
     _check_head_case(*case)
 
@@ -195,6 +194,25 @@ def test_kernel_proto_head_exit_threshold_extremes():
     assert at.any() and not ex3[at].any()
 
 
+@kernel_test
+def test_kernel_proto_head_exit_ties_and_nan():
+    """Classes 7 and 250 (different epilogue chunks) get identical classifier rows and a large bias, so their
+    logits tie exactly at the maximum: the first must win, as in torch.argmax. A NaN feature never exits."""
+    head = _head(256, 300, seed=11)  # 4 channel chunks (runtime loop), 3 class chunks
+    with torch.no_grad():
+        head.classifier.weight[250] = head.classifier.weight[7]
+        head.classifier.bias[7] = head.classifier.bias[250] = 50.0
+    folded = head.fold().to(KERNEL_DEVICE)
+    x = _features(3, 256, 7, 7, torch.bfloat16, "contiguous", 12)
+    x[2, 5, 3, 4] = float("nan")
+    logits, ex, pred, conf = _fast_proto_head_exit(x, folded, torch.zeros(300, device=KERNEL_DEVICE))
+    assert torch.equal(logits[:2, 7], logits[:2, 250]), "identical classifier rows gave different logits"
+    assert pred[:2].tolist() == [7, 7] and ex[:2].all()
+    assert torch.isnan(logits[2]).all() and torch.isnan(conf[2]) and not ex[2] and pred[2] == 0
+    ref = proto_head_exit_reference(x.cpu(), *[b.cpu() for b in folded.buffers()], torch.zeros(300))
+    assert ref[2][2] == 0 and not ref[1][2]  # the reference agrees on the NaN sample
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Standalone exit decision.
 
@@ -208,9 +226,7 @@ def _special_logits(n, c, dtype, seed):
         z[1, c - 1] = float("inf")
         z[2] = float("-inf")
         z[3] = torch.randint(-2, 3, (c,), generator=g).float()  # many exact ties
-        z[4, 0] = z[4, c - 1] = (
-            50.0  # tie between the first and the last class (different chunks when c > 256)
-        )
+        z[4, 0] = z[4, c - 1] = 50.0  # tie between the first and the last class (different chunks when c > 256)
         z[5, :] = 0.0
         z[6, -1] = float("nan")
         z[6, 1] = float("nan")
@@ -286,9 +302,7 @@ def test_interpreter_run():
     env["PYTHONPATH"] = os.pathsep.join([pkg_root, *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "test_kernel_", "-p", "no:cacheprovider"]
     cmd += ["-W", "ignore::RuntimeWarning"]  # numpy's inf - inf warnings inside the interpreter
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent
-    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"interpreter run failed (rc={proc.returncode}):\n{out[-8000:]}"
     summary = out.strip().splitlines()[-1]
@@ -396,18 +410,18 @@ def test_launch_configs():
     cfg = proto_head_launch_config(64, 56 * 56, 128, 32, 1000, torch.float16)
     assert (cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["NUM_C_CHUNKS"], cfg["C_STATIC"]) == (128, 64, 1, True)
     assert (cfg["num_warps"], cfg["num_stages"], cfg["D_PAD"], cfg["K_PAD"]) == (8, 3, 128, 32)
+    assert cfg["BLOCK_NC"] == 128
+    cfg = proto_head_launch_config(128, 28 * 28, 128, 32, 1000, torch.bfloat16)
+    assert (cfg["BLOCK_P"], cfg["NUM_C_CHUNKS"], cfg["C_STATIC"]) == (128, 2, True)
     cfg = proto_head_launch_config(512, 28 * 28, 128, 32, 100, torch.bfloat16)
-    assert (cfg["BLOCK_C"], cfg["NUM_C_CHUNKS"], cfg["C_STATIC"], cfg["BLOCK_NC"]) == (64, 8, True, 64)
+    assert (cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["NUM_C_CHUNKS"], cfg["C_STATIC"]) == (64, 64, 8, False)
+    assert (cfg["BLOCK_NC"], cfg["num_warps"]) == (128, 8)
     cfg = proto_head_launch_config(600, 7 * 7, 96, 10, 10, torch.float32)
-    assert (cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["C_STATIC"], cfg["D_PAD"], cfg["K_PAD"]) == (
-        64,
-        32,
-        False,
-        128,
-        16,
-    )
-    assert cfg["num_warps"] == 4 and cfg["num_stages"] == 2
-    assert proto_head_launch_config(64, 3136, 256, 32, 10, torch.float16)["BLOCK_P"] == 64
+    assert (cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["C_STATIC"], cfg["D_PAD"], cfg["K_PAD"]) == (64, 32, False, 128, 16)
+    assert (cfg["num_warps"], cfg["num_stages"], cfg["BLOCK_NC"]) == (8, 2, 16)
+    cfg = proto_head_launch_config(64, 3136, 256, 32, 1000, torch.float16)
+    assert (cfg["BLOCK_P"], cfg["D_PAD"], cfg["BLOCK_NC"]) == (64, 256, 64)
+    assert proto_head_launch_config(16, 5, 16, 4, 3, torch.float16)["num_warps"] == 4
     for c in (1, 10, 100, 1000, 5000):
         e = exit_decision_launch_config(300, c)
         assert e["BLOCK_C"] * e["BLOCK_N"] <= 4096 and e["BLOCK_C"] >= min(256, c)
@@ -442,7 +456,5 @@ def test_import_and_cpu_ops_without_triton():
     env.pop("TRITON_INTERPRET", None)
     pkg_root = str(Path(calexnet_fast.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([pkg_root, *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd="/"
-    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
