@@ -161,7 +161,7 @@ def bench_exit(args, device, timer, fused_ok, peak_bw, n_rows_list) -> list[dict
 
 def sweep(args, device, timer, n_batch, dtype) -> list[dict]:
     """Fused-kernel times of neighbouring launch configurations (not used on tested paths)."""
-    from calexnet_fast.kernels.proto_head import _launch_proto_head_exit
+    from calexnet_fast.kernels.proto_head import _cached_operands, _launch_proto_head_exit
 
     out = []
     for name, c, h, w in SHAPES:
@@ -171,7 +171,7 @@ def sweep(args, device, timer, n_batch, dtype) -> list[dict]:
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         thr = torch.full((args.classes,), 0.5, device=device)
-        bufs = list(folded.buffers())
+        bufs = _cached_operands(folded, dtype)
         rule = proto_head_launch_config(c, h * w, 128, 32, args.classes, dtype)
         results = []
         grid = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])

@@ -145,4 +145,6 @@ def exit_decision(logits: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch
     CPU tensors use ``calexnet_fast.exit_rule.exit_decision_reference``.
     """
     _check(logits, thresholds)
+    if logits.is_cuda and not torch.compiler.is_compiling() and cuda_usable()[0]:
+        return _launch_exit_decision(logits, thresholds)  # what the op's CUDA kernel runs, minus dispatch
     return torch.ops.calexnet_fast.exit_decision(logits, thresholds)

@@ -20,6 +20,7 @@ contiguous NCHW and channels_last (NHWC) without a copy; any other strides are m
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -356,4 +357,25 @@ def proto_head_exit(
         )
     args = (folded.proj_weight, folded.proj_bias, folded.prototypes, folded.cls_weight, folded.cls_bias)
     _check(features, *args, thresholds)
+    if features.is_cuda and not torch.compiler.is_compiling() and cuda_usable()[0]:
+        # Eager CUDA: the same launch the op's CUDA kernel does, minus the dispatcher's overhead, with the
+        # weights cast to the features' dtype once per head instead of on every call.
+        return _launch_proto_head_exit(features, *_cached_operands(folded, features.dtype), thresholds)
     return torch.ops.calexnet_fast.proto_head_exit(features, *args, thresholds)
+
+
+_operand_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_operands(folded: FoldedPrototypeHead, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The folded head's buffers as the kernel reads them (dot operands in ``dtype``, the rest in float32),
+    cached per head and refreshed whenever a buffer is replaced or modified in place."""
+    bufs = (folded.proj_weight, folded.proj_bias, folded.prototypes, folded.cls_weight, folded.cls_bias)
+    key = (dtype, tuple((b.data_ptr(), b._version, b.device) for b in bufs))
+    hit = _operand_cache.get(folded)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w, b, p, cw, cb = bufs
+    ops = (w.to(dtype), b.float(), p.to(dtype), cw.to(dtype), cb.float().contiguous())
+    _operand_cache[folded] = (key, ops)
+    return ops

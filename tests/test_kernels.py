@@ -32,7 +32,7 @@ from calexnet_fast.kernels import (
     triton_status,
 )
 from calexnet_fast.kernels.exit_decision import _launch_exit_decision
-from calexnet_fast.kernels.proto_head import _launch_proto_head_exit
+from calexnet_fast.kernels.proto_head import _cached_operands, _launch_proto_head_exit
 
 import calexnet_fast
 from calexnet_fast.exit_rule import exit_decision_reference
@@ -213,6 +213,25 @@ def test_kernel_proto_head_exit_ties_and_nan():
     assert ref[2][2] == 0 and not ref[1][2]  # the reference agrees on the NaN sample
 
 
+@kernel_test
+def test_kernel_eager_path_and_op_path_agree():
+    """The eager CUDA shortcut (cached operands, no dispatcher) and the registered op run the same launch."""
+    folded = _head(40, 10, seed=13).fold().to(KERNEL_DEVICE)
+    x = _features(2, 40, 7, 7, torch.bfloat16, "channels_last", 14)
+    thr = torch.full((10,), 0.2, device=KERNEL_DEVICE)
+    a = _fast_proto_head_exit(x, folded, thr)
+    b = _launch_proto_head_exit(x, *_cached_operands(folded, x.dtype), thr)
+    outs = [b]
+    if KERNEL_DEVICE == "cuda":
+        outs.append(torch.ops.calexnet_fast.proto_head_exit(x, *folded.buffers(), thr))
+        z = a[0] * 3
+        for u, v in zip(exit_decision(z, thr), torch.ops.calexnet_fast.exit_decision(z, thr), strict=True):
+            assert torch.equal(u, v)
+    for other in outs:
+        for u, v in zip(a, other, strict=True):
+            assert torch.equal(u, v)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Standalone exit decision.
 
@@ -329,6 +348,20 @@ def test_public_ops_on_cpu_use_the_reference():
     z = torch.randn(7, 10)
     for a, b in zip(exit_decision(z, thr), exit_decision_reference(z, thr), strict=True):
         assert torch.equal(a, b)
+
+
+@main_process_only
+def test_cached_operands_follow_the_buffers():
+    folded = _head(16, 5, dim=32, k=8, seed=15).fold()
+    ops = _cached_operands(folded, torch.bfloat16)
+    assert [t.dtype for t in ops] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+    assert _cached_operands(folded, torch.bfloat16)[0] is ops[0]  # cached
+    with torch.no_grad():
+        folded.cls_bias.add_(1.0)  # in-place change: refreshed
+    assert torch.equal(_cached_operands(folded, torch.bfloat16)[4], folded.cls_bias)
+    folded.proj_weight = torch.zeros_like(folded.proj_weight)  # replaced buffer: refreshed
+    assert not _cached_operands(folded, torch.bfloat16)[0].any()
+    assert _cached_operands(folded, torch.float16)[0].dtype == torch.float16
 
 
 @main_process_only
