@@ -207,15 +207,11 @@ def _check_inputs(branch_logits, backbone_logits, labels) -> tuple[list[torch.Te
     n, c = backbone_logits.shape
     for k, z in enumerate(branch_logits):
         if z.shape != (n, c):
-            raise ValueError(
-                f"branch_logits[{k}]: expected [{n}, {c}] like backbone_logits, got {list(z.shape)}"
-            )
+            raise ValueError(f"branch_logits[{k}]: expected [{n}, {c}] like backbone_logits, got {list(z.shape)}")
     if labels.shape != (n,):
         raise ValueError(f"labels: expected [{n}], got {list(labels.shape)}")
     if n and (labels.min() < 0 or labels.max() >= c):
-        raise ValueError(
-            f"labels: expected values in [0, {c - 1}], got [{int(labels.min())}, {int(labels.max())}]"
-        )
+        raise ValueError(f"labels: expected values in [0, {c - 1}], got [{int(labels.min())}, {int(labels.max())}]")
     return branch_logits, n, c
 
 
@@ -271,9 +267,7 @@ def calibrate(
         else:
             prec, acc = full_prec, full_acc
         bars = bars_from_precision(prec, acc, m, margin_mode)
-        thr = cpm_thresholds(
-            conf, pred, labels, bars, min_support=min_support, mask=alive if aligned else None
-        )
+        thr = cpm_thresholds(conf, pred, labels, bars, min_support=min_support, mask=alive if aligned else None)
         thresholds[:, k] = thr
         if aligned and k + 1 < len(branch_logits):
             for i in range(n_m):

@@ -96,8 +96,7 @@ def _read_run_config(run: Path) -> dict:
     cfg = run / "config.json"
     if not cfg.is_file():
         raise SystemExit(
-            f"error: --run {run}: no config.json there; expected a directory written by "
-            f"`calexnet train --out {run}`"
+            f"error: --run {run}: no config.json there; expected a directory written by `calexnet train --out {run}`"
         )
     return json.loads(cfg.read_text())
 
@@ -119,8 +118,7 @@ def _margins(text: str | None, single: float | None):
         return torch.tensor([float(v) for v in text.split(",")], dtype=torch.float64)
     except ValueError:
         raise SystemExit(
-            "error: --margins: expected START:STOP:COUNT (e.g. 0:0.5:51) or a comma list (0,0.1,0.2), "
-            f"got {text!r}"
+            f"error: --margins: expected START:STOP:COUNT (e.g. 0:0.5:51) or a comma list (0,0.1,0.2), got {text!r}"
         ) from None
 
 
@@ -186,9 +184,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         default=0,
         help="seed of that stratified split; keep it fixed across runs (default 0)",
     )
-    g.add_argument(
-        "--image-size", type=int, help="resize images to this side (default: as stored, 32 for CIFAR)"
-    )
+    g.add_argument("--image-size", type=int, help="resize images to this side (default: as stored, 32 for CIFAR)")
     g.add_argument(
         "--synthetic-size",
         type=int,
@@ -197,9 +193,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         default=(512, 256, 256),
         help="sizes of --dataset synthetic (default 512 256 256)",
     )
-    g.add_argument(
-        "--synthetic-classes", type=int, default=10, help="classes of --dataset synthetic (default 10)"
-    )
+    g.add_argument("--synthetic-classes", type=int, default=10, help="classes of --dataset synthetic (default 10)")
 
 
 def _load_data(args, normalization=None, dataset: dict | None = None):
@@ -262,9 +256,7 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
         default="float16",
         help="storage dtype of cached features (default float16; logits are always float32)",
     )
-    g.add_argument(
-        "--feature-batch-size", type=int, default=256, help="images per backbone forward (default 256)"
-    )
+    g.add_argument("--feature-batch-size", type=int, default=256, help="images per backbone forward (default 256)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
 
 
@@ -324,9 +316,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
         help="a directory written by `calexnet train-backbone` (sets --backbone, "
         "--stem, --checkpoint and the normalisation)",
     )
-    g.add_argument(
-        "--checkpoint", help="backbone weights: an akamaster .th file, or a .safetensors state dict"
-    )
+    g.add_argument("--checkpoint", help="backbone weights: an akamaster .th file, or a .safetensors state dict")
     g.add_argument(
         "--pretrained-dir",
         help="folder holding pretrained/akamaster_resnet_cifar10/resnet<depth>-*.th (default "
@@ -337,18 +327,14 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use a randomly initialised backbone (smoke tests only: its features are meaningless)",
     )
-    g.add_argument(
-        "--stem", choices=("cifar", "imagenet"), default="cifar", help="torchvision ResNets: the stem"
-    )
+    g.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="torchvision ResNets: the stem")
     g.add_argument(
         "--branch-points",
         nargs="+",
         help="where branches read features, e.g. layer1 layer2 or layer1.4 layer2.2 layer3.1 "
         "(default: the backbone's, layer1 layer2 for CIFAR ResNets)",
     )
-    g.add_argument(
-        "--n-branches", type=int, help="instead of --branch-points: this many points at equal FLOPs"
-    )
+    g.add_argument("--n-branches", type=int, help="instead of --branch-points: this many points at equal FLOPs")
 
 
 def _backbone_spec(args, n_classes: int):
@@ -457,8 +443,7 @@ def _train_backbone_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--normalization",
         default="imagenet",
-        help="input statistics: imagenet (default, what every staged backbone assumes), cifar10, "
-        "cifar100, cinic10",
+        help="input statistics: imagenet (default, what every staged backbone assumes), cifar10, cifar100, cinic10",
     )
     _add_run_args(p)
 
@@ -551,10 +536,7 @@ def _train_backbone_run(args) -> int:
         meta,
     )
     _write_json(out / "train_log.json", {"history": result.history})
-    log(
-        f"done: val accuracy {val_acc}, test accuracy {test_acc:.4f}; "
-        f"weights in {out / 'backbone.safetensors'}"
-    )
+    log(f"done: val accuracy {val_acc}, test accuracy {test_acc:.4f}; weights in {out / 'backbone.safetensors'}")
     return 0
 
 
@@ -616,9 +598,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="cascade-aligned calibration (survivors of earlier branches)",
     )
-    g.add_argument(
-        "--no-aligned", dest="aligned", action="store_false", help="calibrate each branch on all samples"
-    )
+    g.add_argument("--no-aligned", dest="aligned", action="store_false", help="calibrate each branch on all samples")
     g.add_argument("--m-train", type=float, help="margin of the thresholds behind the training weights (0.2)")
     g.add_argument("--margin-mode", choices=("additive", "relative"), help="CPM bar Pr-m or (1-m)Pr")
     g.add_argument("--min-support", type=int, help="CPM minimum exiting set per class (20)")
@@ -633,6 +613,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=5e-4, help="default 5e-4")
     g.add_argument("--seed", type=int, default=0, help="seeds head initialisation and shuffling (default 0)")
     g.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist in --out")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each head for training (faster epochs after a one-off compile)",
+    )
     _add_cache_args(p)
     _add_run_args(p)
 
@@ -695,9 +680,7 @@ def _train_run(args) -> int:
     train_set = splits.train
     if args.train_subset:
         if not 0 < args.train_subset < len(train_set):
-            raise SystemExit(
-                f"error: --train-subset: expected 1..{len(train_set) - 1}, got {args.train_subset}"
-            )
+            raise SystemExit(f"error: --train-subset: expected 1..{len(train_set) - 1}, got {args.train_subset}")
         _, idx = stratified_split(train_set.labels, args.train_subset, seed=args.split_seed)
         train_set = train_set.subset(idx)
         dinfo["train_subset"] = args.train_subset
@@ -749,6 +732,7 @@ def _train_run(args) -> int:
         device=device,
         progress=not _QUIET,
         run_config=compared,
+        compile_model=args.compile,
     )
     if info.is_main:
         save_heads(
@@ -767,9 +751,7 @@ def _train_run(args) -> int:
             {
                 "history": res.history,
                 "weight_stats": res.weight_stats,
-                "train_thresholds": res.train_thresholds.tolist()
-                if res.train_thresholds is not None
-                else None,
+                "train_thresholds": res.train_thresholds.tolist() if res.train_thresholds is not None else None,
                 "seconds": {"features": t_cache, "heads": time.time() - t0 - t_cache},
             },
         )
@@ -814,9 +796,7 @@ def _load_run(args, need_thresholds: bool = False):
         )
     heads_path = run / "heads.safetensors"
     if not heads_path.is_file():
-        raise SystemExit(
-            f"error: --run {run}: no heads.safetensors; finish `calexnet train --out {run}` first"
-        )
+        raise SystemExit(f"error: --run {run}: no heads.safetensors; finish `calexnet train --out {run}` first")
     spec = BackboneSpec.from_json(cfg["backbone"])
     bb = _build_backbone(spec)
     heads, _ = load_heads(heads_path)
@@ -889,9 +869,7 @@ register_command(
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--run", required=True, help="run directory of `calexnet train` (after `calexnet calibrate`)"
-    )
+    p.add_argument("--run", required=True, help="run directory of `calexnet train` (after `calexnet calibrate`)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="default test")
     p.add_argument("--data-dir", help="dataset directory if it moved since training")
     _add_run_args(p)
@@ -934,9 +912,7 @@ def _evaluate_run(args) -> int:
     run, cfg, bb, heads, splits = _load_run(args)
     thr_path = run / "thresholds.safetensors"
     if not thr_path.is_file():
-        raise SystemExit(
-            f"error: --run {run}: no thresholds.safetensors; run `calexnet calibrate --run {run}` first"
-        )
+        raise SystemExit(f"error: --run {run}: no thresholds.safetensors; run `calexnet calibrate --run {run}` first")
     try:
         sweep = CalibrationSweep.load(thr_path)
     except (ValueError, RuntimeError) as e:

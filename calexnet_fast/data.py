@@ -89,16 +89,12 @@ NORMALIZATIONS: dict[str, Normalization] = {
     "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet"),
     "cifar10": Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar10"),
     "cifar100": Normalization((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar100"),
-    "cinic10": Normalization(
-        (0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835), "cinic10"
-    ),
+    "cinic10": Normalization((0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835), "cinic10"),
     "none": Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none"),
 }
 
 
-def normalization_for(
-    backbone: str | None = None, override: str | Normalization | None = None
-) -> Normalization:
+def normalization_for(backbone: str | None = None, override: str | Normalization | None = None) -> Normalization:
     """The input normalisation a backbone was trained with.
 
     The pretrained CIFAR ResNet-20…56 (akamaster) and torchvision's ImageNet ResNets both use the ImageNet
@@ -164,13 +160,10 @@ class ImageDataset(Dataset):
             raise ValueError(f"labels: expected {n} labels (one per image), got {labels.shape[0]}")
         if images is not None:
             if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(
-                    f"images: expected uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}"
-                )
+                raise ValueError(f"images: expected uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
         if n and (labels.min() < 0 or labels.max() >= len(classes)):
             raise ValueError(
-                f"labels: expected values in [0, {len(classes) - 1}], "
-                f"got [{int(labels.min())}, {int(labels.max())}]"
+                f"labels: expected values in [0, {len(classes) - 1}], got [{int(labels.min())}, {int(labels.max())}]"
             )
         self.labels = labels
         self.classes = list(classes)
@@ -249,9 +242,7 @@ class ImageDataset(Dataset):
 
         img = _open_rgb(path)
         if self.augment:
-            tf = transforms.Compose(
-                [transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip()]
-            )
+            tf = transforms.Compose([transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip()])
         else:
             tf = transforms.Compose(
                 [
@@ -320,9 +311,7 @@ class DataSplits:
 # --------------------------------------------------------------------------------------------------
 
 
-def stratified_split(
-    labels: torch.Tensor, val_size: int | float, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, val_size: int | float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Split indices into (train, val) keeping class proportions, deterministically from ``seed``.
 
     Each class contributes ``round(val_fraction · n_c)`` samples (largest remainders fix the total to
@@ -480,9 +469,7 @@ def _load_pickle(path: Path, dataset: str, expected_keys: Sequence[str]) -> dict
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any failure here means the file is not what we expect
-        raise ValueError(
-            f"{dataset}: {path} is not a readable CIFAR python pickle ({type(e).__name__}: {e})"
-        ) from e
+        raise ValueError(f"{dataset}: {path} is not a readable CIFAR python pickle ({type(e).__name__}: {e})") from e
     d = _str_keys(d)
     if not isinstance(d, dict):
         raise ValueError(f"{dataset}: {path} should hold a dict, holds {type(d).__name__}")
@@ -495,9 +482,7 @@ def _load_pickle(path: Path, dataset: str, expected_keys: Sequence[str]) -> dict
 def _cifar_images(d: dict, path: Path, dataset: str) -> torch.Tensor:
     data = np.asarray(d["data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(
-            f"{dataset}: {path}: 'data' should be uint8 [N, 3072], is {data.dtype} {list(data.shape)}"
-        )
+        raise ValueError(f"{dataset}: {path}: 'data' should be uint8 [N, 3072], is {data.dtype} {list(data.shape)}")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
 
 
@@ -655,9 +640,7 @@ def _scan_split(split_dir: Path, name: str) -> tuple[list[str], list[str], list[
             str(p) for p in (split_dir / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
         )
         if not files:
-            raise ValueError(
-                f"{name}: class folder {split_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-            )
+            raise ValueError(f"{name}: class folder {split_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         paths += files
         labels += [ci] * len(files)
     return classes, paths, labels
@@ -732,9 +715,7 @@ def load_imagefolder(
     datasets = {}
     for split, (_, paths, labels) in found.items():
         if preload:
-            datasets[split] = ImageDataset(
-                labels, classes, images=_decode_all(paths, f"decoding {name}/{split}")
-            )
+            datasets[split] = ImageDataset(labels, classes, images=_decode_all(paths, f"decoding {name}/{split}"))
         else:
             datasets[split] = ImageDataset(labels, classes, paths=paths)
     return _finish(
@@ -806,9 +787,7 @@ def synthetic_dataset(
         raise ValueError(f"n_classes: expected at least 2, got {n_classes}")
     g = torch.Generator().manual_seed(int(seed))
     low = torch.rand(n_classes, 3, 4, 4, generator=g)
-    templates = F.interpolate(low, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(
-        0, 1
-    )
+    templates = F.interpolate(low, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(0, 1)
     classes = [f"class_{i}" for i in range(n_classes)]
 
     def make(n: int) -> ImageDataset:
@@ -816,9 +795,7 @@ def synthetic_dataset(
         labels = labels[torch.randperm(n, generator=g)]
         x = templates[labels]
         shift = torch.randint(-2, 3, (n, 2), generator=g)
-        x = torch.stack(
-            [torch.roll(x[i], (int(shift[i, 0]), int(shift[i, 1])), dims=(1, 2)) for i in range(n)]
-        )
+        x = torch.stack([torch.roll(x[i], (int(shift[i, 0]), int(shift[i, 1])), dims=(1, 2)) for i in range(n)])
         x = x + noise * torch.randn(x.shape, generator=g)
         img = (x.clamp(0, 1) * 255).round().to(torch.uint8)
         return ImageDataset(labels, classes, images=img, normalization=normalization)
@@ -866,11 +843,7 @@ def load_dataset(
         image_size: output side; default the stored size (32 for CIFAR/CINIC).
         synthetic: keyword arguments of :func:`synthetic_dataset` when ``name == "synthetic"``.
     """
-    norm = (
-        normalization_for(None, normalization)
-        if not isinstance(normalization, Normalization)
-        else normalization
-    )
+    norm = normalization_for(None, normalization) if not isinstance(normalization, Normalization) else normalization
     if name == "cifar10":
         return load_cifar10(
             data_dir, val_size=val_size, split_seed=split_seed, normalization=norm, image_size=image_size

@@ -413,6 +413,7 @@ def train_branches(
     progress: bool = True,
     run_config: dict | None = None,
     on_epoch_end: Callable[[int, int, dict], dict | None] | None = None,
+    compile_model: bool = False,
 ) -> BranchTraining:
     """Train the K branch heads one after the other with ``recipe`` on cached features.
 
@@ -428,6 +429,7 @@ def train_branches(
         device, progress: as in :func:`~calexnet_fast.training.fit`.
         run_config: extra facts stored with every checkpoint (compared on resume).
         on_epoch_end: ``f(branch (1-based), epoch, record)`` hook forwarded to ``fit``.
+        compile_model: ``torch.compile`` each head's forward during training (see ``fit``).
 
     Returns:
         :class:`BranchTraining`.
@@ -498,6 +500,7 @@ def train_branches(
                 desc=f"{recipe.name} branch {k + 1}/{k_count}",
                 run_config={**base, "branch": k + 1},
                 on_epoch_end=hook,
+                compile_model=compile_model,
             )
             history = fr.history
             if final is not None:

@@ -56,9 +56,7 @@ def test_hand_checked_case():
 
     # prefix precisions: 1, 1, 2/3, 3/4, 3/5, 4/6
     def thr(bar, support):
-        return cpm_thresholds(
-            conf, pred, labels, torch.tensor([bar, 0.0], dtype=torch.float64), min_support=support
-        )
+        return cpm_thresholds(conf, pred, labels, torch.tensor([bar, 0.0], dtype=torch.float64), min_support=support)
 
     assert thr(1.0, 1)[0] == pytest.approx(0.8)  # largest all-correct prefix
     assert thr(0.75, 1)[0] == pytest.approx(0.6)  # 3/4 qualifies, 3/5 and 4/6 do not
@@ -67,9 +65,7 @@ def test_hand_checked_case():
     assert thr(0.75, 5)[0] == INF  # support 5 needs a 5-prefix: 3/5 < 0.75
     assert thr(0.6, 5)[0] == pytest.approx(0.4)  # 4/6 ≥ 0.6 with support 6
     # 3/5 = 0.6 meets a bar of exactly 0.6 (≥)
-    t5 = cpm_thresholds(
-        conf[:5], pred[:5], labels[:5], torch.tensor([0.6], dtype=torch.float64), min_support=5
-    )
+    t5 = cpm_thresholds(conf[:5], pred[:5], labels[:5], torch.tensor([0.6], dtype=torch.float64), min_support=5)
     assert t5[0] == pytest.approx(0.5)
     assert thr(0.0, 7)[0] == INF  # only 6 samples
     assert thr(0.0, 1)[1] == INF  # class 1 is never predicted
@@ -110,9 +106,7 @@ def test_matches_brute_force(seed):
         support = int(torch.randint(1, 6, (1,), generator=g))
         got = cpm_thresholds(conf, pred, labels, bars, min_support=support, mask=mask)
         for m in range(3):
-            torch.testing.assert_close(
-                got[m], brute_force(conf, pred, labels, bars[m], support, mask[m]).float()
-            )
+            torch.testing.assert_close(got[m], brute_force(conf, pred, labels, bars[m], support, mask[m]).float())
 
 
 def make_problem(n=3000, c=10, k=3, seed=0):

@@ -253,9 +253,7 @@ def test_stratified_split_is_deterministic_and_exact():
 
 
 def test_normalisation_and_augmentation():
-    s = data.synthetic_dataset(
-        20, 10, 10, n_classes=2, image_size=16, normalization=data.NORMALIZATIONS["cifar10"]
-    )
+    s = data.synthetic_dataset(20, 10, 10, n_classes=2, image_size=16, normalization=data.NORMALIZATIONS["cifar10"])
     raw = s.train.images[3].float() / 255
     x, _ = s.train[3]
     mean = torch.tensor(data.NORMALIZATIONS["cifar10"].mean).view(3, 1, 1)

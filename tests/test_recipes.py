@@ -107,9 +107,7 @@ def test_kd_loss_by_hand():
     got_w = kd_loss(torch.tensor(s), torch.tensor(t), T, w)
     assert got_w.item() == pytest.approx(T * T * (3 * per[0] + per[1]) / 4, rel=1e-5)
     # same as PyTorch's batchmean KL, times T²
-    ref = F.kl_div(
-        F.log_softmax(torch.tensor(s) / T, 1), F.softmax(torch.tensor(t) / T, 1), reduction="batchmean"
-    )
+    ref = F.kl_div(F.log_softmax(torch.tensor(s) / T, 1), F.softmax(torch.tensor(t) / T, 1), reduction="batchmean")
     assert got.item() == pytest.approx(T * T * ref.item(), rel=1e-5)
     # the teacher gets no gradient
     tt = torch.tensor(t, requires_grad=True)
@@ -131,15 +129,11 @@ def test_branch_loss_follows_the_switches():
 
     ref = recipes.recipe("reference")
     torch.testing.assert_close(recipes.branch_loss(z, batch, ref), wce(zb.argmax(1)))
-    torch.testing.assert_close(
-        recipes.branch_loss(z, batch, recipes.recipe("reference", ce_target="labels")), wce(y)
-    )
+    torch.testing.assert_close(recipes.branch_loss(z, batch, recipes.recipe("reference", ce_target="labels")), wce(y))
     kd = recipes.recipe("calexnet")
     torch.testing.assert_close(recipes.branch_loss(z, batch, kd), kd_loss(z, zb, 4.0, w))
     mix = recipes.recipe("calexnet", ce_weight=0.5)
-    torch.testing.assert_close(
-        recipes.branch_loss(z, batch, mix), kd_loss(z, zb, 4.0, w) + 0.5 * wce(zb.argmax(1))
-    )
+    torch.testing.assert_close(recipes.branch_loss(z, batch, mix), kd_loss(z, zb, 4.0, w) + 0.5 * wce(zb.argmax(1)))
 
 
 def test_recipe_names_and_switches():
@@ -212,9 +206,7 @@ def make_caches(n_train=160, n_val=120, seed=0):
 SMALL = {"head_dim": 8, "n_prototypes": 4, "min_support": 5}
 
 
-@pytest.mark.parametrize(
-    "name,weighting", [("calexnet", "soft"), ("calexnet", "hard"), ("reference", "none")]
-)
+@pytest.mark.parametrize("name,weighting", [("calexnet", "soft"), ("calexnet", "hard"), ("reference", "none")])
 def test_branch_weights_come_from_the_previous_branch_at_m_train(name, weighting):
     tr, va = make_caches()
     rec = recipes.recipe(name, weighting=weighting, **SMALL)

@@ -72,9 +72,7 @@ def test_memory_and_disk_cache_hold_the_backbone_outputs(tmp_path, synth):
     assert torch.equal(mem.labels, synth.test.labels)
 
     path = tmp_path / "test.safetensors"
-    disk = training.build_feature_cache(
-        bb, synth.test, batch_size=7, storage="disk", path=path, progress=False
-    )
+    disk = training.build_feature_cache(bb, synth.test, batch_size=7, storage="disk", path=path, progress=False)
     assert disk.on_disk and path.is_file()
     idx = torch.tensor([5, 0, 31, 7])
     fm, zm, ym = mem.gather(idx)
@@ -132,9 +130,7 @@ def test_fit_learns_and_is_deterministic():
     for _ in range(2):
         torch.manual_seed(0)
         model = Probe()
-        r = training.fit(
-            model, CacheSource(cache), ce, FitConfig(epochs=6, batch_size=16, lr=0.05), progress=False
-        )
+        r = training.fit(model, CacheSource(cache), ce, FitConfig(epochs=6, batch_size=16, lr=0.05), progress=False)
         results.append((model.state_dict(), r.history))
     assert results[0][1][-1]["loss"] < results[0][1][0]["loss"]
     for k, v in results[0][0].items():
@@ -187,9 +183,7 @@ def test_interrupt_and_resume_gives_the_uninterrupted_result(tmp_path, where):
     # a finished run resumes to a no-op
     again = Probe()
     assert (
-        training.fit(
-            again, CacheSource(cache), ce, cfg, checkpoint_dir=tmp_path / "run", progress=False
-        ).epochs_run
+        training.fit(again, CacheSource(cache), ce, cfg, checkpoint_dir=tmp_path / "run", progress=False).epochs_run
         == 0
     )
     assert torch.equal(again.fc.weight, ref.fc.weight)
@@ -249,9 +243,7 @@ def test_weights_and_branch_subset_reach_the_loss():
         seen.append(batch.index)
         return ce(model, batch)
 
-    training.fit(
-        Probe(), CacheSource(cache, w, branches=[0]), loss, FitConfig(epochs=1, batch_size=6), progress=False
-    )
+    training.fit(Probe(), CacheSource(cache, w, branches=[0]), loss, FitConfig(epochs=1, batch_size=6), progress=False)
     assert sorted(torch.cat(seen).tolist()) == list(range(19))
     assert [len(s) for s in seen] == [6, 6, 7]  # a last batch of one is merged (BatchNorm needs two)
 
@@ -277,9 +269,7 @@ def test_train_backbone_torchvision_resnet_and_resume(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(training, "evaluate_classifier", boom)
         with pytest.raises(Interrupt):
-            training.train_backbone(
-                new(), data.train, data.val, cfg, out_dir=tmp_path / "run", progress=False
-            )
+            training.train_backbone(new(), data.train, data.val, cfg, out_dir=tmp_path / "run", progress=False)
     torch.manual_seed(99)
     resumed = torchvision.models.resnet18(num_classes=3)
     r2 = training.train_backbone(resumed, data.train, data.val, cfg, out_dir=tmp_path / "run", progress=False)
