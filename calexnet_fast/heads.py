@@ -50,6 +50,7 @@ def folded_head_reference(
     prototypes: torch.Tensor,
     cls_weight: torch.Tensor,
     cls_bias: torch.Tensor,
+    eps: float = COSINE_EPS,
 ) -> torch.Tensor:
     """Logits of the folded head, in plain PyTorch, computed in the dtype of ``features``.
 
@@ -71,7 +72,7 @@ def folded_head_reference(
     n, c, h, w = features.shape
     x = features.reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
     u = torch.relu(torch.matmul(x, proj_weight.to(dt).t()) + proj_bias.to(dt))  # [N, HW, D]
-    norm = torch.linalg.vector_norm(u, dim=2, keepdim=True).clamp_min(COSINE_EPS)
+    norm = torch.linalg.vector_norm(u, dim=2, keepdim=True).clamp_min(eps)
     s = torch.matmul(u, prototypes.to(dt).t()) / norm  # [N, HW, K]
     feats = torch.cat([s.amax(dim=1), s.mean(dim=1), u.mean(dim=1)], dim=1)  # [N, 2K + D]
     return F.linear(feats, cls_weight.to(dt), cls_bias.to(dt))
@@ -91,12 +92,6 @@ class FoldedPrototypeHead(nn.Module):
     ``u = relu(f W^T + b)``, ``s = (u P^T) / max(||u||, 1e-8)``, then max/mean of ``s`` and the mean of ``u``
     over the pixels and the classifier, in the dtype of ``features``.
     """
-
-    proj_weight: torch.Tensor
-    proj_bias: torch.Tensor
-    prototypes: torch.Tensor
-    cls_weight: torch.Tensor
-    cls_bias: torch.Tensor
 
     def __init__(
         self,
@@ -141,7 +136,8 @@ class FoldedPrototypeHead(nn.Module):
         return self.cls_weight.shape[0]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        _check_features(features, self.in_channels)
+        if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
+            _check_features(features, self.in_channels)
         return folded_head_reference(
             features, self.proj_weight, self.proj_bias, self.prototypes, self.cls_weight, self.cls_bias
         )
@@ -183,6 +179,7 @@ class PrototypePoolingHead(nn.Module):
         if not isinstance(n_prototypes, int) or n_prototypes < 1:
             raise ValueError(f"n_prototypes: expected a positive int, got {n_prototypes!r}")
         self.in_channels = in_channels
+        self.eps = COSINE_EPS  # an attribute, not a global, so the head can be scripted
         self.n_classes = n_classes
         self.dim = dim
         self.n_prototypes = n_prototypes
@@ -199,10 +196,11 @@ class PrototypePoolingHead(nn.Module):
 
     def pooled_features(self, features: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, 2K + D] pooled features ``[max s (K), mean s (K), avg u (D)]``."""
-        _check_features(features, self.in_channels)
+        if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
+            _check_features(features, self.in_channels)
         u = torch.relu(self.bn(self.proj(features)))  # [N, D, H, W]
-        un = F.normalize(u, dim=1, eps=COSINE_EPS)
-        pn = F.normalize(self.prototypes, dim=1, eps=COSINE_EPS)
+        un = F.normalize(u, dim=1, eps=self.eps)
+        pn = F.normalize(self.prototypes, dim=1, eps=self.eps)
         s = self.gamma * torch.einsum("ndhw,kd->nkhw", un, pn).flatten(2)  # [N, K, HW]
         return torch.cat([s.amax(dim=2), s.mean(dim=2), u.flatten(2).mean(dim=2)], dim=1)
 
