@@ -29,7 +29,7 @@ from .heads import FoldedPrototypeHead, PrototypePoolingHead
 from .kernels import exit_decision, proto_head_exit
 from .ops import compact, scatter_rows_
 
-__all__ = ["Cascade"]
+__all__ = ["Cascade", "DeployableCascade"]
 
 
 def _state_key(module: nn.Module, device: torch.device) -> tuple:
@@ -63,6 +63,22 @@ class Cascade(ReferenceCascade):
         )
         fast.branch_points = list(reference.branch_points)
         return fast
+
+    def to_torchscript(self) -> torch.jit.ScriptModule:
+        """This cascade as TorchScript, for deployment without Python (see :class:`DeployableCascade`).
+
+        The scripted module calls the C++ ops ``calexnet_fast::compact`` / ``scatter_rows_`` from its graph;
+        save it with ``.save(path)`` and load it with ``torch.jit.load`` after ``import calexnet_fast`` (Python)
+        or after loading ``libcalexnet_fast_cpu.so`` (and ``libcalexnet_fast_cuda.so``) in libtorch.
+        """
+        heads = [h.fold() if isinstance(h, PrototypePoolingHead) else h for h in self.heads]
+        device = self.thresholds.device
+        deployable = DeployableCascade(
+            list(self.stages), [h.to(device) for h in heads], self.thresholds, n_classes=self.n_classes
+        )
+        deployable.in_channels = self.in_channels
+        deployable.branch_points = list(self.branch_points)
+        return torch.jit.script(deployable)
 
     def plan(self, device: torch.device | str) -> Plan:
         """The backend used for inputs on ``device``, and why (the same report as ``calexnet_fast.info``)."""
@@ -137,4 +153,44 @@ class Cascade(ReferenceCascade):
         rows = torch.cat([z.to(x.dtype) for z in all_logits])
         # Each sample appears once per stage it reached; the last occurrence (its exit) wins.
         scatter_rows_(out, rows, torch.cat(all_positions))
+        return CascadeOutput(out, exit_index)
+
+
+class DeployableCascade(ReferenceCascade):
+    """The TorchScript-able form of :class:`Cascade` (made by :meth:`Cascade.to_torchscript`).
+
+    The same skipping with the C++ ``compact`` op between stages and one last-wins ``scatter_rows_`` at
+    the end; heads are given in their folded inference form and the exit rule is the reference one (Triton
+    kernels are not part of a TorchScript graph).
+    """
+
+    def _run(self, x: torch.Tensor) -> CascadeOutput:
+        batch = x.shape[0]
+        exit_index = torch.full([batch], self.n_branches + 1, dtype=torch.int64, device=x.device)
+        position = torch.arange(batch, device=x.device)
+        all_logits: list[torch.Tensor] = []
+        all_positions: list[torch.Tensor] = []
+        h = x
+        alive = batch > 0
+        k = 0
+        for stage, head in zip(self.stages, self.heads):
+            # TorchScript unrolls loops over ModuleLists and forbids `break` there: guard with `alive`.
+            if alive:
+                h = stage(h)
+                logits = head(h)
+                exit_, _, _ = exit_decision_reference(logits, self.thresholds[k])
+                all_logits.append(logits.to(x.dtype))
+                all_positions.append(position)
+                exit_index.index_fill_(0, position, k + 1)
+                h, keep = compact(h, ~exit_)
+                position = position.index_select(0, keep)
+                alive = position.shape[0] > 0
+            k += 1
+        if alive:
+            all_logits.append(self.stages[-1](h).to(x.dtype))
+            all_positions.append(position)
+            exit_index.index_fill_(0, position, self.n_branches + 1)
+        out = torch.empty([batch, self.n_classes], dtype=x.dtype, device=x.device)
+        if batch > 0:
+            scatter_rows_(out, torch.cat(all_logits), torch.cat(all_positions))
         return CascadeOutput(out, exit_index)

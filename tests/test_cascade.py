@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 
 import pytest
@@ -174,3 +177,33 @@ def test_random_batches_soak_flat_memory():
             peaks.append(tracemalloc.get_traced_memory()[0])
     tracemalloc.stop()
     assert peaks[-1] < peaks[0] + 256 * 1024, peaks
+
+
+def test_torchscript_export_fresh_process(tmp_path):
+    ref, fast = _pair("cpu")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 3, 16, 16, generator=gen)
+    thr = _thresholds_away_from_ties(ref, x, 0.4, gen)
+    fast.set_thresholds(thr)
+    scripted = fast.to_torchscript()
+    expect = fast(x)
+    got = scripted(x)
+    assert torch.equal(got.exit_index, expect.exit_index)
+    torch.testing.assert_close(got.logits, expect.logits, rtol=1e-5, atol=1e-5)
+    assert "calexnet_fast::compact" in str(scripted.inlined_graph)
+    path = tmp_path / "cascade.pt"
+    scripted.save(str(path))
+    torch.save({"x": x, "exit_index": expect.exit_index, "logits": expect.logits}, tmp_path / "io.pt")
+    code = textwrap.dedent(
+        f"""
+        import torch, calexnet_fast
+        m = torch.jit.load({str(path)!r})
+        io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
+        out = m(io["x"])
+        assert torch.equal(out[1], io["exit_index"])
+        torch.testing.assert_close(out[0], io["logits"], rtol=1e-5, atol=1e-5)
+        print("ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
