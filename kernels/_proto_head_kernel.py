@@ -42,6 +42,7 @@ def _pixel_tile(
     stride_xc, stride_xp, stride_wd, stride_wc,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NUM_C_CHUNKS: tl.constexpr, C_STATIC: tl.constexpr,
     EVEN_C: tl.constexpr, MASK_P: tl.constexpr, DOT_UPCAST: tl.constexpr, PREC: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """Fold pixels p0 .. p0 + BLOCK_P - 1 into the per-row accumulators (sum u, sum s, max s).
 
@@ -49,7 +50,7 @@ def _pixel_tile(
     cross-thread reductions; they are reduced over the pixel slots once, after the loop."""
     offs_p = p0 + tl.arange(0, BLOCK_P)
     pmask = offs_p < HW
-    # The bias initialises the accumulator (saves an add per element).
+    # The bias initialises the accumulator.
     u = tl.zeros([BLOCK_P, bias.shape[0]], tl.float32) + bias[None, :]
     if C_STATIC:
         # Unrolled, so the pixel loop is the innermost loop and the compiler pipelines its loads.
@@ -69,10 +70,12 @@ def _pixel_tile(
     if MASK_P:
         u = tl.where(pmask[:, None], u, 0.0)  # padded pixels would otherwise carry relu(bias)
     inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), 1e-8, propagate_nan=tl.PropagateNan.ALL)
-    uq = u.to(pt.dtype)
+    # Normalise before rounding: entries of u / ||u|| lie in [0, 1], so the similarity dot can take them in
+    # float16 (2^-11 relative rounding) even for bfloat16 features, without any risk of overflow.
+    un = (u * inv_norm[:, None]).to(SIM_DTYPE)
     if DOT_UPCAST:
-        uq = uq.to(tl.float32)
-    s = tl.dot(uq, pt, input_precision=PREC) * inv_norm[:, None]  # [BLOCK_P, K_PAD]; 0 on padded pixels
+        un = un.to(tl.float32)
+    s = tl.dot(un, pt, input_precision=PREC)  # [BLOCK_P, K_PAD]; 0 on padded pixels
     acc_u += u
     acc_s += s
     if MASK_P:
@@ -147,13 +150,13 @@ def proto_head_exit_kernel(
         acc_u, acc_s, acc_max = _pixel_tile(
             x_base, w_ptr, t * BLOCK_P, HW, C, offs_d, dmask, bias, pt, acc_u, acc_s, acc_max,
             stride_xc, stride_xp, stride_wd, stride_wc,
-            BLOCK_P, BLOCK_C, NUM_C_CHUNKS, C_STATIC, EVEN_C, False, DOT_UPCAST, PREC,
+            BLOCK_P, BLOCK_C, NUM_C_CHUNKS, C_STATIC, EVEN_C, False, DOT_UPCAST, PREC, p_ptr.dtype.element_ty,
         )  # fmt: skip
     if n_full * BLOCK_P < HW:
         acc_u, acc_s, acc_max = _pixel_tile(
             x_base, w_ptr, n_full * BLOCK_P, HW, C, offs_d, dmask, bias, pt, acc_u, acc_s, acc_max,
             stride_xc, stride_xp, stride_wd, stride_wc,
-            BLOCK_P, BLOCK_C, NUM_C_CHUNKS, C_STATIC, EVEN_C, True, DOT_UPCAST, PREC,
+            BLOCK_P, BLOCK_C, NUM_C_CHUNKS, C_STATIC, EVEN_C, True, DOT_UPCAST, PREC, p_ptr.dtype.element_ty,
         )  # fmt: skip
     run_sum_u = tl.sum(acc_u, axis=0)
     run_sum_s = tl.sum(acc_s, axis=0)
@@ -164,13 +167,16 @@ def proto_head_exit_kernel(
 
     # Epilogue: logits in chunks of classes, folded into an online softmax / argmax. The classifier is a
     # GEMV per sample; it runs as tl.dot with the feature vector in row 0 of a 16-row operand (the minimum
-    # M), weights in the dot dtype, so a 1000-class classifier costs a few tensor-core steps instead of
-    # thousands of FMAs and shuffles per sample.
+    # M), so a 1000-class classifier costs a few tensor-core steps instead of thousands of FMAs and shuffles
+    # per sample. For 16-bit features its operands are float16; the two feature groups are divided by their
+    # largest magnitude first (so they lie in [-1, 1]: no overflow) and the partial logits multiplied back.
     wdt = cw_ptr.dtype.element_ty
     row0 = (tl.arange(0, 16) == 0)[:, None]
-    f_max = tl.where(row0, run_max[None, :], 0.0).to(wdt)  # [16, K_PAD]
-    f_mean = tl.where(row0, mean_s[None, :], 0.0).to(wdt)
-    f_avg = tl.where(row0, avg_u[None, :], 0.0).to(wdt)  # [16, D_PAD]
+    scale_s = tl.maximum(tl.max(tl.maximum(tl.abs(run_max), tl.abs(mean_s)), axis=0), 1e-30)
+    scale_u = tl.maximum(tl.max(avg_u, axis=0), 1e-30)  # avg_u >= 0
+    f_max = tl.where(row0, run_max[None, :] / scale_s, 0.0).to(wdt)  # [16, K_PAD]
+    f_mean = tl.where(row0, mean_s[None, :] / scale_s, 0.0).to(wdt)
+    f_avg = tl.where(row0, avg_u[None, :] / scale_u, 0.0).to(wdt)  # [16, D_PAD]
     if DOT_UPCAST:
         f_max = f_max.to(tl.float32)
         f_mean = f_mean.to(tl.float32)
@@ -194,10 +200,11 @@ def proto_head_exit_kernel(
             w_max = w_max.to(tl.float32)
             w_mean = w_mean.to(tl.float32)
             w_avg = w_avg.to(tl.float32)
-        z16 = tl.dot(f_max, w_max, input_precision=PREC)
-        z16 = tl.dot(f_mean, w_mean, z16, input_precision=PREC)
-        z16 = tl.dot(f_avg, w_avg, z16, input_precision=PREC)  # [16, BLOCK_NC], rows 1..15 are 0
-        z = tl.sum(z16, axis=0) + tl.load(cb_ptr + cls, mask=clsmask, other=0.0).to(tl.float32)
+        z_s = tl.dot(f_max, w_max, input_precision=PREC)
+        z_s = tl.dot(f_mean, w_mean, z_s, input_precision=PREC)
+        z_u = tl.dot(f_avg, w_avg, input_precision=PREC)  # [16, BLOCK_NC], rows 1..15 are 0
+        z = tl.sum(z_s * scale_s + z_u * scale_u, axis=0)
+        z += tl.load(cb_ptr + cls, mask=clsmask, other=0.0).to(tl.float32)
         tl.store(logits_ptr + n.to(tl.int64) * stride_ln + cls, z, mask=clsmask)
         m, ssum, idx, nan_idx = softmax_slots_update(z[None, :], clsmask[None, :], cls[None, :], m, ssum, idx, nan_idx)
     pred, conf = softmax_slots_finish(m, ssum, idx, nan_idx, NC)

@@ -6,11 +6,14 @@ Public: ``proto_head_exit(features [N, C, H, W], folded: FoldedPrototypeHead, th
 thresholds)``. Reference twin: ``proto_head_exit_reference`` (the folded head in float32 + the exit rule);
 it is the op's CPU kernel and the fallback when Triton cannot run on a CUDA tensor.
 
-Numerics: features are read in their own dtype (float16, bfloat16 or float32). The three dots (projection,
-prototype similarity, classifier) take their operands in that dtype, as tensor cores need (projection weight,
-prototypes, classifier weight, the ReLU output and the pooled features are rounded to it, as PyTorch computing
-in that dtype would), and accumulate in float32; bias, ReLU, norms, pooling sums and maxima, softmax are
-float32. For float32 features the dots follow ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's
+Numerics: features are read in their own dtype (float16, bfloat16 or float32). For 16-bit features the
+projection dot takes the features and the projection weight in that dtype (the weight rounded to it, as
+tensor cores need); the similarity dot takes u / ||u|| (in [0, 1]) and the gamma-scaled prototypes in float16,
+and the classifier dot the pooled features (scaled into [-1, 1]) and its weight in float16; float16 keeps
+3 more mantissa bits than bfloat16 and the scaling rules out overflow. All dots accumulate in float32; bias,
+ReLU, norms, pooling sums and maxima and the softmax are float32. The result is more accurate than PyTorch
+computing the head in the features' dtype (tests/test_kernels.py checks it against fp64). For float32
+features every dot is float32 and follows ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's
 default) -> IEEE fp32, else TF32. NaN propagates as in PyTorch, so a NaN feature never exits.
 
 Layout: the kernel reads any layout whose H and W dims flatten to one pixel stride, which covers both
@@ -58,20 +61,23 @@ def proto_head_launch_config(
     Triton 3.8 and reading ptxas' report and the SASS (``python bench/heads.py --sass``, no GPU needed):
     - C <= 128 (ResNet18 layer1/2): BLOCK_P = 128, 8 warps = two warpgroups, each a wgmma tile of M = 64
       pixels by N = D = 128, BLOCK_C = 64 16-bit channels = one 128-byte row (a full swizzled shared-memory
-      line; for channels_last one coalesced 128-byte segment per pixel). 252-254 registers, no or 32 bytes of
-      spill, 96-136 KB shared memory, cp.async pipelining over the pixel tiles, ~30 warp-instructions per
-      pixel in the hot loop.
+      line; for channels_last one coalesced 128-byte segment per pixel). 254-255 registers, no spill,
+      96-136 KB shared memory, cp.async pipelining over the pixel tiles, ~33 warp-instructions per pixel in
+      the hot loop.
     - C >= 256 (ResNet50 layer1/2): the unrolled channel loop would need 270-530 KB of shared memory for its
       pipeline buffers (over Hopper's 227 KB) and BLOCK_P = 128 with a runtime channel loop spills, so
-      BLOCK_P = 64 with 8 warps and a runtime channel loop: 220-231 registers, no spill, ~102 KB.
+      BLOCK_P = 64 with 8 warps and a runtime channel loop: 217-227 registers, no spill, ~102 KB.
     - One program per SM (>= 220 registers x 256 threads): load latency is hidden by 3 cp.async stages
       (~48 KB of feature tiles in flight per SM, above the ~30 KB Little's law asks at ~4.8 TB/s and ~0.8 us
       over 132 SMs), not by occupancy. With N >= 256 there are ~2 waves.
     - Issue budget: a Hopper SM issues ~4 warp-instructions per clock (~7.9 G/s) and gets ~36 GB/s of an
       H200's bandwidth, so the hot loop keeps up with memory below ~0.22 warp-instructions per feature byte:
-      ~0.23 at C = 64 (at the limit), 0.12-0.17 at C >= 128. The per-pixel accumulators (sums and max kept per
-      pixel slot, reduced once after the loop) are what make this possible: reducing over pixels inside the
-      loop tripled the hot loop (~1180 instead of ~475 instructions per 128-pixel tile).
+      ~0.26 at C = 64 (issue-bound by ~15 % there; normalising u before the float16 rounding costs ~10 % of
+      that and buys the accuracy above), 0.13-0.18 at C >= 128. The per-pixel accumulators (sums and max
+      kept per pixel slot, reduced once after the loop) are what make this possible: reducing over pixels
+      inside the loop tripled the hot loop (~1180 instead of ~475 instructions per 128-pixel tile). The
+      classifier epilogue costs ~27 warp-instructions per class and sample (+~30 % at C = 64 with 1000
+      classes, negligible with 10-100).
     - Tensor cores in the input dtype for both dots: at (C + K) * D * 2 / (2 C) flops per byte (~190 at
       C = 64) the kernel is near Hopper's fp16 ridge (~200 on an H200); fp32 FMA dots would be compute-bound.
     - float32 features run the dots on FMA units (IEEE) and are a correctness path, not a fast one.
@@ -184,6 +190,13 @@ def _pixel_stride(x: torch.Tensor) -> int | None:
     return None
 
 
+def _sim_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Operand dtype of the similarity and classifier dots: float16 for 16-bit features (the kernel scales
+    their activations into [-1, 1]; the weights are gamma-scaled unit prototypes and classifier weights,
+    far below float16's 65504), float32 otherwise."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
@@ -223,9 +236,9 @@ def _kernel_arguments(
     dt = x.dtype
     # Dot operands share the features' dtype (tensor cores need equal operand types); the rest stays fp32.
     wq = proj_weight.to(dt)
-    pq = prototypes.to(dt)
+    pq = prototypes.to(_sim_dtype(dt))
     bias = proj_bias.to(torch.float32)
-    cw = cls_weight.to(dt)
+    cw = cls_weight.to(_sim_dtype(dt))
     cb = cls_bias.to(torch.float32).contiguous()
     thr = thresholds.to(torch.float32).contiguous()
     cfg = proto_head_launch_config(c, h * w, d, k, nc, dt)
@@ -376,6 +389,6 @@ def _cached_operands(folded: FoldedPrototypeHead, dtype: torch.dtype) -> tuple[t
     if hit is not None and hit[0] == key:
         return hit[1]
     w, b, p, cw, cb = bufs
-    ops = (w.to(dtype), b.float(), p.to(dtype), cw.to(dtype), cb.float().contiguous())
+    ops = (w.to(dtype), b.float(), p.to(_sim_dtype(dtype)), cw.to(_sim_dtype(dtype)), cb.float().contiguous())
     _operand_cache[folded] = (key, ops)
     return ops

@@ -354,7 +354,7 @@ def test_public_ops_on_cpu_use_the_reference():
 def test_cached_operands_follow_the_buffers():
     folded = _head(16, 5, dim=32, k=8, seed=15).fold()
     ops = _cached_operands(folded, torch.bfloat16)
-    assert [t.dtype for t in ops] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+    assert [t.dtype for t in ops] == [torch.bfloat16, torch.float32, torch.float16, torch.float16, torch.float32]
     assert _cached_operands(folded, torch.bfloat16)[0] is ops[0]  # cached
     with torch.no_grad():
         folded.cls_bias.add_(1.0)  # in-place change: refreshed
