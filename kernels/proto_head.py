@@ -234,7 +234,8 @@ def _kernel_arguments(
         x = x.contiguous()
         sp = _pixel_stride(x)
     dt = x.dtype
-    # Dot operands share the features' dtype (tensor cores need equal operand types); the rest stays fp32.
+    # Dot operands as the module docstring says (projection in the features' dtype, the other dots in float16
+    # for 16-bit features); bias, classifier bias and thresholds in float32.
     wq = proj_weight.to(dt)
     pq = prototypes.to(_sim_dtype(dt))
     bias = proj_bias.to(torch.float32)
