@@ -43,6 +43,7 @@ from .training import (
     CacheSource,
     FeatureCache,
     FitConfig,
+    dist_info,
     fit,
     load_state_file,
     predict,
@@ -503,7 +504,7 @@ def train_branches(
                 compile_model=compile_model,
             )
             history = fr.history
-            if final is not None:
+            if final is not None and dist_info().is_main:  # one writer under torchrun
                 save_state_file(
                     final,
                     head.state_dict(),

@@ -189,6 +189,29 @@ def test_interrupt_and_resume_gives_the_uninterrupted_result(tmp_path, where):
     assert torch.equal(again.fc.weight, ref.fc.weight)
 
 
+def test_compiled_forward_trains_like_eager(tmp_path):
+    cache = make_cache()
+    cfg = FitConfig(epochs=2, batch_size=16, lr=0.05)
+    out = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = Probe(bn=False, dropout=0.0)
+        training.fit(
+            model,
+            CacheSource(cache),
+            ce,
+            cfg,
+            progress=False,
+            compile_model=compiled,
+            checkpoint_dir=tmp_path / str(compiled),
+        )
+        out.append(model.fc.weight.detach().clone())
+        # the checkpoint holds the plain module's keys, not torch.compile's wrapper names
+        tensors, _ = training.load_checkpoint(tmp_path / str(compiled))
+        assert "model/fc.weight" in tensors
+    torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-5)
+
+
 def test_resume_refuses_a_different_configuration(tmp_path):
     cache = make_cache()
     training.fit(
