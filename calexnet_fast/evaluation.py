@@ -24,6 +24,7 @@ cache), every method trains from them, and ``results.json``, ``pareto.png``, ``p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -577,6 +578,11 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
     g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument(
+        "--lr-overrides",
+        default="",
+        help="per-method learning rates, e.g. pteenet=3e-3,ztw=1e-2 (default: --lr for every method)",
+    )
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--no-resume", action="store_true", help="retrain even if finished runs exist in the work dir")
     cli._add_cache_args(p)
@@ -595,6 +601,48 @@ def _training_key(rec) -> str:
         d.pop("kd_temperature")
         d.pop("ce_weight")
     return json.dumps(d, sort_keys=True)
+
+
+def _parse_lr_overrides(text: str, methods: Sequence[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if not sep or name.strip() not in methods or not lr > 0:
+            raise SystemExit(
+                f"error: --lr-overrides: expected METHOD=LR pairs with METHOD in {list(methods)} and LR > 0, "
+                f"got {part!r}"
+            )
+        out[name.strip()] = lr
+    return out
+
+
+def _branch1_key(rec) -> str:
+    """What branch 1's training depends on: it always trains with weight 1, so recipes that differ only in
+    weighting or calibration train the very same first head (same seed, same data order)."""
+    d = {"distill": rec.distill, "ce_target": rec.ce_target, "head_dim": rec.head_dim, "n_prototypes": rec.n_prototypes}
+    if rec.distill:
+        d.update(kd_temperature=rec.kd_temperature, ce_weight=rec.ce_weight)
+    return json.dumps(d, sort_keys=True)
+
+
+def _share_branch1(donor: Path, run_dir: Path, rec, fit_cfg, run_config: dict) -> Path | None:
+    """Put the donor run's finished branch-1 head where ``train_branches`` resumes from (recorded under the
+    receiving run's own configuration, with ``shared_from`` naming the donor); None if nothing to share."""
+    from .training import load_state_file, save_state_file
+
+    src, dst = donor / "branch_1" / "head.safetensors", run_dir / "branch_1" / "head.safetensors"
+    if dst.is_file() or not src.is_file():
+        return None
+    tensors, cfg = load_state_file(src)
+    base = {"recipe": rec.to_json(), "fit": asdict(fit_cfg), **run_config}
+    save_state_file(dst, tensors, {**cfg, "run": base, "shared_from": str(src)})
+    return dst
 
 
 def _stack_logits(heads, cache, device) -> torch.Tensor:
@@ -630,7 +678,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if not seeds:
         raise SystemExit("error: --seeds: expected at least one seed")
     margins = cli._margins(args.margins, None)
-    seed_everything(seeds[0])
+    lr_of = _parse_lr_overrides(args.lr_overrides, methods)
+    seed_everything(0)  # one (random-init) backbone for every seed and every rerun
     splits, dinfo = cli._load_data(args)
     spec = cli._backbone_spec(args, splits.n_classes)
     splits = splits.with_normalization(cli._normalization(spec))
@@ -673,6 +722,7 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     sweeps: dict[str, list[SweepResult]] = {m: [] for m in methods}
     shared: dict[tuple[str, int], tuple] = {}
+    donors: dict[tuple[str, int], Path] = {}
     timings: dict[str, list[float]] = {m: [] for m in methods}
     for seed in seeds:
         try:
@@ -686,8 +736,10 @@ def run_compare(args: argparse.Namespace) -> int:
             )
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        base_fit = fit_cfg
         for method in methods:
             t1 = time.time()
+            fit_cfg = dataclasses.replace(base_fit, lr=lr_of.get(method, base_fit.lr))
             if method in CPM_METHODS:
                 rec = recipe(
                     method,
@@ -699,20 +751,42 @@ def run_compare(args: argparse.Namespace) -> int:
                 key = (_training_key(rec), seed)
                 if key not in shared:
                     run_dir = work / "runs" / f"{rec.name}_seed{seed}"
-                    bt = train_branches(
-                        tr,
-                        va,
-                        rec,
-                        fit_cfg,
-                        out_dir=run_dir,
-                        resume=not args.no_resume,
-                        device=device,
-                        progress=not cli._QUIET,
-                        run_config={
-                            "backbone": spec.to_json(),
-                            "dataset": {k: v for k, v in dinfo.items() if k != "data_dir"},
-                        },
-                    )
+                    run_config = {
+                        "backbone": spec.to_json(),
+                        "dataset": {k: v for k, v in dinfo.items() if k != "data_dir"},
+                    }
+                    b1 = (_branch1_key(rec), seed)
+                    seeded = None
+                    if b1 in donors and not args.no_resume:
+                        seeded = _share_branch1(donors[b1], run_dir, rec, fit_cfg, run_config)
+                    try:
+                        bt = train_branches(
+                            tr,
+                            va,
+                            rec,
+                            fit_cfg,
+                            out_dir=run_dir,
+                            resume=not args.no_resume,
+                            device=device,
+                            progress=not cli._QUIET,
+                            run_config=run_config,
+                        )
+                    except RuntimeError:
+                        if seeded is None:
+                            raise
+                        seeded.unlink()  # the engine's resume format changed: train branch 1 after all
+                        bt = train_branches(
+                            tr,
+                            va,
+                            rec,
+                            fit_cfg,
+                            out_dir=run_dir,
+                            resume=True,
+                            device=device,
+                            progress=not cli._QUIET,
+                            run_config=run_config,
+                        )
+                    donors.setdefault(b1, run_dir)
                     heads = bt.heads
                     hf = head_flops(heads, bb)
                     shared[key] = (_stack_logits(heads, va, device), _stack_logits(heads, te, device), hf, rec.name)
@@ -776,7 +850,8 @@ def run_compare(args: argparse.Namespace) -> int:
         "branch_points": list(bb.branch_points),
         "methods": methods,
         "seeds": seeds,
-        "fit": {k: v for k, v in asdict(fit_cfg).items() if k != "seed"},
+        "fit": {k: v for k, v in asdict(base_fit).items() if k != "seed"},
+        "lr_overrides": lr_of,
         "head_dim": args.head_dim,
         "n_prototypes": args.n_prototypes,
         "margins": [float(margins[0]), float(margins[-1]), int(margins.numel())],
