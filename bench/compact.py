@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
             row["fraction_of_copy_bandwidth"] = row["compact_GBps"] / peak
         rows.append(row)
 
-    header = f"{'shape':>20} {'keep':>5} {'compact ms':>11} {'x[mask] ms':>11} {'idx_sel ms':>11} {'vs x[mask]':>10} {'vs idx_sel':>10} {'GB/s':>8}"
+    header = (
+        f"{'shape':>20} {'keep':>5} {'compact ms':>11} {'x[mask] ms':>11} {'idx_sel ms':>11} "
+        f"{'vs x[mask]':>10} {'vs idx_sel':>10} {'GB/s':>8}"
+    )
     print(header + ("  of copy BW" if peak else ""))
     for r in rows:
         line = (

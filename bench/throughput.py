@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{r['model']:>9} {100 * r['flops_reduction']:>9.1f}% {ips['backbone']:>9.0f} {ips['reference']:>10.0f} "
             f"{ips['cascade']:>9.0f} {r['speedup_cascade']:>7.2f}x {r['ideal_speedup']:>5.2f}x "
-            f"{100 * r['achieved_over_ideal']:>8.0f}% {r['cascade_vs_reference']:>6.2f}x {str(r['exits_agree_with_reference']):>10}"
+            f"{100 * r['achieved_over_ideal']:>8.0f}% {r['cascade_vs_reference']:>6.2f}x "
+            f"{str(r['exits_agree_with_reference']):>10}"
         )
     result = {
         "benchmark": "throughput",

@@ -3,9 +3,10 @@
 :class:`ReferenceCascade` runs a frozen staged backbone with ``K`` branch heads and per-class thresholds
 and really skips work: after each branch the samples that exit are scattered into the output buffer at their
 input positions and the survivors are gathered into a dense batch, both by plain boolean indexing, and only
-they run the next stage (``calexnet_fast.Cascade`` does the same with the fast ops). :meth:`ReferenceCascade.simulate` computes
-every branch's logits and the backbone's for every sample in one pass, and :func:`apply_exit_rule` turns
-those into the very output the real cascade gives (calibration and evaluation use that pair).
+they run the next stage (``calexnet_fast.Cascade`` does the same with the fast ops).
+:meth:`ReferenceCascade.simulate` computes every branch's logits and the backbone's for every sample in one
+pass, and :func:`apply_exit_rule` turns those into the very output the real cascade gives (calibration and
+evaluation use that pair).
 
 The exit test is ``calexnet_fast.exit_rule.exit_decision_reference`` (the one definition of the rule):
 a sample exits at the first branch ``k`` with ``max softmax(z_k) >= thresholds[k-1, argmax z_k]``; a NaN
