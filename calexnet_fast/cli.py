@@ -29,7 +29,7 @@ from pathlib import Path
 
 __all__ = ["COMMANDS", "build_parser", "main", "register_command"]
 
-PLUGIN_MODULES: tuple[str, ...] = ("calexnet_fast.evaluation", "calexnet_fast.baselines")
+PLUGIN_MODULES: tuple[str, ...] = ("calexnet_fast.evaluation", "calexnet_fast.baselines", "calexnet_fast.measure")
 
 
 @dataclass

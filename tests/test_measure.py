@@ -1,0 +1,214 @@
+"""``calexnet measure``: the real cascade's accuracy equals the simulated evaluation's at every operating point
+(CPM runs and the baselines' exit rules), end to end on tiny synthetic data; headline numbers by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from calexnet_fast import backbones, cli, measure
+from calexnet_fast.baselines import ZTW, BoostNet, PTEEnet, exit_outputs
+from calexnet_fast.flops import FlopsProfile
+
+SYN = ["--dataset", "synthetic", "--synthetic-size", "300", "160", "200", "--synthetic-classes", "4"]
+SYN += ["--image-size", "16", "--backbone", "cifar_resnet20", "--random-init", "--n-branches", "3"]
+FAST = ["--batch-size", "64", "--head-dim", "8", "--n-prototypes", "4", "--min-support", "5", "--lr", "3e-3"]
+TIMING = ["--batch-size", "48", "--repeats", "2", "--warmup", "0", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and immune to OpenMP spin-waits on a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_measure_run_equals_evaluate_at_every_margin(tmp_path):
+    """train -> calibrate -> evaluate (simulated, on a float32 feature cache) -> measure (the real Cascade on
+    the decoded images): the same accuracy and FLOPs reduction at every margin, no sample differs."""
+    run, ckpt = tmp_path / "run", tmp_path / "r20.safetensors"
+    torch.manual_seed(0)
+    save_file(backbones.CifarResNet(20, 4).state_dict(), str(ckpt))  # one fixed backbone for every command
+    syn = [*SYN[: SYN.index("--random-init")], "--checkpoint", str(ckpt), *SYN[SYN.index("--random-init") + 1 :]]
+    argv = ["train", *syn, "--recipe", "calexnet", *FAST, "--epochs", "2", "--cache-dtype", "float32"]
+    assert cli.main([*argv, "--out", str(run), "--quiet"]) == 0
+    assert cli.main(["calibrate", "--run", str(run), "--margins", "0:0.6:7", "--quiet"]) == 0
+    assert cli.main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    assert cli.main(["measure", "--run", str(run), "--margins", "all", *TIMING]) == 0
+    evaluated = json.loads((run / "results.json").read_text())["points"]
+    speed = json.loads((run / "speed.json").read_text())
+    points = speed["runs"][0]["points"]
+    assert [p["param"] for p in points] == [p["margin"] for p in evaluated]
+    for p, e in zip(points, evaluated, strict=True):
+        assert p["mismatches"] == 0
+        assert p["accuracy"] == e["accuracy"] == p["simulated"]["accuracy"]
+        assert p["flops_reduction"] == pytest.approx(e["flops_reduction"], abs=1e-12)
+        assert p["exit_fractions"] == pytest.approx(e["exit_fractions"], abs=1e-12)
+        assert p["speedup"] > 0 and p["ideal_speedup"] == pytest.approx(1 / (1 - p["timed_flops_reduction"]))
+        assert len(p["speedup_rounds"]) == 2 and p["energy_j_per_image"] is None
+    # the sweep really exercises the cascade: some points let samples leave early, some do not
+    assert max(sum(p["exit_fractions"][:-1]) for p in points) > 0.3
+    assert speed["energy"].startswith("energy not measured on CPU")
+    assert speed["backbone"]["test_accuracy"] == json.loads((run / "results.json").read_text())["backbone_accuracy"]
+    assert (run / "speed.png").stat().st_size > 1000 and (run / "speed.svg").is_file()
+    assert "| calexnet |" in (run / "speed_table.md").read_text()
+
+
+def _midpoints(scores: torch.Tensor, qs) -> list[float]:
+    """Thresholds halfway between two neighbouring scores (no sample sits on one: the folded BoostNet heads
+    in the cascade round differently from the unfolded ones of the simulation)."""
+    s = torch.sort(scores.flatten().float()).values
+    out = []
+    for q in qs:
+        i = min(max(int(q * (s.numel() - 1)), 0), s.numel() - 2)
+        out.append(float((s[i] + s[i + 1]) / 2))
+    return out
+
+
+@pytest.mark.parametrize("name", ["pteenet", "ztw", "boostnet"])
+def test_score_cascade_equals_the_baselines_simulated_exit_rule(name):
+    torch.manual_seed(0)
+    bb = backbones.cifar_resnet(20, n_classes=5, placement="flops", n_branches=3, input_size=16).eval()
+    chans = bb.branch_channels
+    model = {
+        "pteenet": lambda: PTEEnet(chans, 5),
+        "ztw": lambda: ZTW(chans, 5),
+        "boostnet": lambda: BoostNet(chans, 5, head_dim=8, n_prototypes=4),
+    }[name]()
+    with torch.no_grad():  # non-trivial BN statistics and ensemble weights
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        # make the last exit the most confident one for some samples
+        if name == "pteenet":
+            model.heads[2].confidence.bias.add_(1.0)
+        elif name == "ztw":
+            model.ensembles.bias[2, 0] += 3.0
+        else:
+            model.heads[2].classifier.bias[0] += 3.0
+        if name == "ztw":
+            for w in model.ensembles.weights:
+                w.normal_(0, 0.5)
+    model.eval()
+    x = torch.randn(100, 3, 16, 16)
+    cache = measure.backbone_features(bb, x, batch_size=64)
+    scores = exit_outputs(model, cache).scores
+    # one threshold that lets some samples leave at branch 3 exactly: between max(s1, s2) and s3 of the sample
+    # with the widest such gap
+    gap = scores[2] - scores[:2].max(0).values
+    i = int(gap.argmax())
+    assert gap[i] > 0
+    taus = [*_midpoints(scores, [0.05, 0.5, 0.9]), float((scores[:2, i].max() + scores[2, i]) / 2), math.inf, 0.0]
+    expected = measure.baseline_expected(model, cache, taus)
+    cascade = measure.ScoreCascade(
+        list(bb.stages), measure.baseline_exit_heads(model), torch.full((3, 5), taus[0]), n_classes=5, in_channels=3
+    )
+    exits_seen = set()
+    for tau, (e_pred, e_exit) in zip(taus, expected, strict=True):
+        cascade.set_thresholds(torch.full((3, 5), tau))
+        for batch in (64, 7) if tau != taus[3] else (64, 7, 1):  # survivors compacted in other groups
+            preds, exits = [], []
+            for i in range(0, x.shape[0], batch):
+                out = cascade(x[i : i + batch])
+                preds.append(out.logits.argmax(1))
+                exits.append(out.exit_index)
+            assert torch.equal(torch.cat(exits), e_exit), (tau, batch)
+            assert torch.equal(torch.cat(preds), e_pred), (tau, batch)
+        exits_seen |= set(e_exit.tolist())
+    assert exits_seen == {1, 2, 3, 4}  # every branch and the backbone were exercised
+    assert cascade(x[:0]).logits.shape == (0, 5)
+
+
+def test_measure_compare_equals_the_compare_results(tmp_path):
+    """``measure --compare``: for CPM methods and every baseline the real cascade reproduces the accuracy and
+    FLOPs reduction ``calexnet compare`` computed (float32 cache: the very same features), point by point."""
+    out = tmp_path / "cmp"
+    argv = ["compare", *SYN, *FAST, "--out", str(out), "--seeds", "0", "--epochs", "1", "--margins", "0:1:11"]
+    argv += ["--thresholds", "11", "--threshold-quantiles", "9", "--ztw-ensemble-epochs", "1", "--quiet"]
+    argv += ["--methods", "calexnet,reference+aligned,pteenet,ztw,boostnet", "--cache-dtype", "float32"]
+    assert cli.main(argv) == 0
+    assert cli.main(
+        ["measure", "--compare", str(out), "--margins", "0,0.2,0.5", "--baseline-reductions", "0.1,0.3,0.6", *TIMING]
+    ) == 0  # fmt: skip
+    speed = json.loads((out / "speed.json").read_text())
+    assert [(r["method"], r["seed"]) for r in speed["runs"]] == [
+        ("calexnet", 0), ("reference+aligned", 0), ("pteenet", 0), ("ztw", 0), ("boostnet", 0)
+    ]  # fmt: skip
+    for r in speed["runs"]:
+        assert r["points"], r["method"]
+        for p in r["points"]:
+            assert p["mismatches"] == 0, (r["method"], p["param"])
+            assert p["accuracy"] == p["compare"]["accuracy"], (r["method"], p["param"])
+            assert p["flops_reduction"] == pytest.approx(p["compare"]["flops_reduction"], abs=1e-12)
+        assert max(sum(p["exit_fractions"][:-1]) for p in r["points"]) > 0.2, r["method"]  # samples leave early
+    assert [p["param"] for p in speed["runs"][0]["points"]] == [0.0, 0.2, 0.5]
+    assert set(speed["summary"]) == {"calexnet", "reference+aligned", "pteenet", "ztw", "boostnet"}
+    assert "speedup_at_m0.2" in speed["summary"]["calexnet"] and "speedup_at_m0.2" not in speed["summary"]["ztw"]
+    # --resume keeps what was measured with the same settings
+    again = ["measure", "--compare", str(out), "--margins", "0,0.2,0.5", "--baseline-reductions", "0.1,0.3,0.6"]
+    assert cli.main([*again, *TIMING, "--resume", "--methods", "calexnet,ztw"]) == 0
+    kept = json.loads((out / "speed.json").read_text())
+    assert kept["runs"] == [r for r in speed["runs"] if r["method"] in ("calexnet", "ztw")]
+
+
+def test_headline_by_hand():
+    def pt(param, acc, sp):
+        return {"param": param, "accuracy": acc, "speedup": sp, "flops_reduction": 0.5, "ideal_speedup": 2.0}
+
+    runs = [
+        {"method": "a", "seed": 0, "param_name": "margin", "points": [pt(0.0, 0.90, 1.1), pt(0.2, 0.89, 1.6),
+                                                                       pt(0.3, 0.85, 2.5)]},
+        {"method": "a", "seed": 1, "param_name": "margin", "points": [pt(0.0, 0.90, 1.2), pt(0.2, 0.886, 1.4)]},
+        {"method": "b", "seed": 0, "param_name": "threshold", "points": [pt(0.5, 0.7, 3.0)]},
+    ]  # fmt: skip
+    s = measure.headline(runs, backbone_accuracy=0.895, max_loss=0.01)
+    assert s["a"]["max_speedup_within_loss"]["values"] == [1.6, 1.4]
+    assert s["a"]["max_speedup_within_loss"]["mean"] == pytest.approx(1.5)
+    assert s["a"]["max_speedup_within_loss"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert s["a"]["speedup_at_m0.2"]["values"] == [1.6, 1.4]
+    assert s["a"]["max_speedup_points"][0]["param"] == 0.2
+    assert math.isnan(s["b"]["max_speedup_within_loss"]["mean"]) and "speedup_at_m0.2" not in s["b"]
+    table = measure.speed_table(s)
+    assert "| a | 1.50× ± 0.14 | 1.50× ± 0.14 |" in table and "| b | n/a |" in table
+
+
+def test_measure_points_checks_and_cpu_energy():
+    with pytest.raises(ValueError, match="repeats"):
+        measure.TimingConfig(repeats=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        measure.TimingConfig(batch_size=0)
+    bb = backbones.cifar_resnet(20, n_classes=3, n_branches=2, placement="flops", input_size=8).eval()
+    from calexnet_fast import Cascade
+    from calexnet_fast.heads import PrototypePoolingHead
+
+    cascade = Cascade(bb, [PrototypePoolingHead(c, 3, dim=4, n_prototypes=2).eval() for c in bb.branch_channels])
+    x = torch.randn(10, 3, 8, 8)
+    prof = FlopsProfile((1.0, 1.0, 1.0), (0.1, 0.1))
+    with pytest.raises(ValueError, match="labels"):
+        measure.measure_points(cascade, bb, x, torch.zeros(9, dtype=torch.long), [torch.zeros(2, 3)], prof)
+    with pytest.raises(ValueError, match="params"):
+        measure.measure_points(
+            cascade, bb, x, torch.zeros(10, dtype=torch.long), [torch.zeros(2, 3)], prof, params=[0.1, 0.2]
+        )
+    rows = measure.measure_points(
+        cascade,
+        bb,
+        x,
+        torch.zeros(10, dtype=torch.long),
+        [torch.full((2, 3), -math.inf)],  # everything leaves at branch 1
+        prof,
+        config=measure.TimingConfig(batch_size=4, repeats=1, warmup=0, timing_images=6),
+    )
+    assert rows[0]["exit_fractions"] == [1.0, 0.0, 0.0] and rows[0]["timed_images"] == 6
+    assert rows[0]["flops_reduction"] == pytest.approx(1 - 1.1 / 3)
+    meter = measure.PowerMeter(torch.device("cpu"))
+    assert not meter.available and "CPU" in meter.reason
+    with pytest.raises(SystemExit, match="results.json"):
+        cli.main(["measure", "--compare", "/nonexistent/dir", "--quiet"])
