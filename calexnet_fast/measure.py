@@ -977,12 +977,23 @@ def _measure_compare(args) -> int:
     bb = cli._build_backbone(spec)
     session = _Session(args, bb, splits)
     device = session.device
-    va, _ = cli._cache(args, config["cache"], work, session.bb, splits.val, "val", device)
+    cache_cfg = dict(config["cache"])
+    if session.dtype != torch.float32:  # its features would not match the compare's cache: never overwrite it
+        cache_cfg["storage"] = "memory"
+    va, _ = cli._cache(args, cache_cfg, work, session.bb, splits.val, "val", device)
     z_val, y_val = va.logits_tensor(), va.labels_tensor()
     seg = segment_flops(bb)
     n_classes = bb.n_classes
     previous = _previous(out, args, session)
-    runs: list[dict] = []
+    measured: dict[tuple[str, int], dict] = {}
+
+    def merged() -> list[dict]:
+        """Runs measured now, and (with --resume) those kept from the previous speed.json, in compare order."""
+        keys = set(previous) | set(measured)
+        order = {m: i for i, m in enumerate(config["methods"])}
+        keys = sorted(keys, key=lambda k: (order.get(k[0], len(order)), k[1]))
+        return [measured.get(k) or previous[k] for k in keys]
+
     sweeps = results.get("sweeps", {})
     for method in methods:
         for seed in seeds:
@@ -1005,7 +1016,7 @@ def _measure_compare(args) -> int:
                 params = _baseline_taus(sw, targets)
             old = previous.get((method, seed))
             if old is not None and [p["param"] for p in old["points"]] == params:
-                runs.append(old)
+                measured[(method, seed)] = old
                 cli.log(f"{method} seed {seed}: kept from the previous speed.json")
                 continue
             if rec is not None:
@@ -1067,25 +1078,23 @@ def _measure_compare(args) -> int:
                     "accuracy": float((e_pred.cpu() == session.labels).double().mean()),
                     "flops_reduction": profile.flops_reduction(exit_histogram(e_exit.cpu(), profile.n_branches)),
                 }
-            runs.append(
-                {
-                    "method": method,
-                    "seed": seed,
-                    "param_name": param_name,
-                    "head_flops": list(profile.head_flops),
-                    "seconds": time.time() - t1,
-                    "points": rows,
-                }
-            )
+            measured[(method, seed)] = {
+                "method": method,
+                "seed": seed,
+                "param_name": param_name,
+                "head_flops": list(profile.head_flops),
+                "seconds": time.time() - t1,
+                "points": rows,
+            }
             best = max(rows, key=lambda r: r["speedup"])
             cli.log(
                 f"{method} seed {seed}: {len(rows)} points in {time.time() - t1:.0f}s; best speedup "
                 f"{best['speedup']:.2f}x at {param_name} {best['param']:.3g} (accuracy {best['accuracy']:.4f}); "
                 f"mismatches vs simulated {sum(r['mismatches'] for r in rows)}"
             )
-            payload = _payload(args, session, runs, {"compare": str(src), "work_dir": str(work)}, t_start)
+            payload = _payload(args, session, merged(), {"compare": str(src), "work_dir": str(work)}, t_start)
             _write_outputs(out, payload, _title(bb, session, config))
-    payload = _payload(args, session, runs, {"compare": str(src), "work_dir": str(work)}, t_start)
+    payload = _payload(args, session, merged(), {"compare": str(src), "work_dir": str(work)}, t_start)
     _write_outputs(out, payload, _title(bb, session, config))
     _report(payload, out)
     return 0

@@ -151,11 +151,14 @@ def test_measure_compare_equals_the_compare_results(tmp_path):
     assert [p["param"] for p in speed["runs"][0]["points"]] == [0.0, 0.2, 0.5]
     assert set(speed["summary"]) == {"calexnet", "reference+aligned", "pteenet", "ztw", "boostnet"}
     assert "speedup_at_m0.2" in speed["summary"]["calexnet"] and "speedup_at_m0.2" not in speed["summary"]["ztw"]
-    # --resume keeps what was measured with the same settings
-    again = ["measure", "--compare", str(out), "--margins", "0,0.2,0.5", "--baseline-reductions", "0.1,0.3,0.6"]
+    # --resume keeps what was measured with the same settings (and the other methods' runs), re-measures the rest
+    again = ["measure", "--compare", str(out), "--margins", "0,0.5", "--baseline-reductions", "0.1,0.3,0.6"]
     assert cli.main([*again, *TIMING, "--resume", "--methods", "calexnet,ztw"]) == 0
     kept = json.loads((out / "speed.json").read_text())
-    assert kept["runs"] == [r for r in speed["runs"] if r["method"] in ("calexnet", "ztw")]
+    assert [(r["method"], r["seed"]) for r in kept["runs"]] == [(r["method"], r["seed"]) for r in speed["runs"]]
+    assert kept["runs"][1:] == speed["runs"][1:]  # ztw kept as it was, the others untouched
+    assert [p["param"] for p in kept["runs"][0]["points"]] == [0.0, 0.5]  # calexnet re-measured at new margins
+    assert kept["runs"][0]["points"][1]["accuracy"] == speed["runs"][0]["points"][2]["accuracy"]
 
 
 def test_headline_by_hand():
