@@ -78,14 +78,18 @@ def per_exit(args: argparse.Namespace) -> int:
                 eo = exit_outputs(model, test)
                 preds, scores = eo.preds, eo.scores
             else:
+                from calexnet_fast.baselines import ZTWHead
                 from calexnet_fast.heads import PrototypePoolingHead
 
                 heads = []
                 for k, s in enumerate(shapes):
                     tensors, _ = load_state_file(run_dir / f"branch_{k + 1}" / "head.safetensors")
-                    h = PrototypePoolingHead(
-                        s[0], test.n_classes, dim=cfg["head_dim"], n_prototypes=cfg["n_prototypes"]
-                    )
+                    if cfg.get("cpm_head", "prototype") == "sdn":
+                        h = ZTWHead(s[0], test.n_classes, cascading=False)
+                    else:
+                        h = PrototypePoolingHead(
+                            s[0], test.n_classes, dim=cfg["head_dim"], n_prototypes=cfg["n_prototypes"]
+                        )
                     h.load_state_dict(tensors)
                     heads.append(h.eval())
                 z = torch.stack([head_logits(h, test, k) for k, h in enumerate(heads)])

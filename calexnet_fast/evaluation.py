@@ -567,6 +567,13 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", default="0,1,2", help="comma list of training seeds (default 0,1,2)")
     g.add_argument("--head-dim", type=int, default=128, help="prototype head D (CPM methods, BoostNet; 128)")
     g.add_argument("--n-prototypes", type=int, default=32, help="prototype head K (32)")
+    g.add_argument(
+        "--cpm-head",
+        choices=("prototype", "sdn"),
+        default="prototype",
+        help="head of the CPM methods: the CalexNet prototype-pooling head (default), or ZTW's SDN head "
+        "without the cascade (learned max/avg pooling to 4x4, linear) to separate recipe from head",
+    )
     g.add_argument("--margins", default="0:1:101", help="CPM margins START:STOP:COUNT or a list (0:1:101)")
     g.add_argument("--margin-mode", choices=("additive", "relative"), default="additive")
     g.add_argument("--min-support", type=int, default=20, help="CPM minimum exiting set per class (20)")
@@ -723,6 +730,13 @@ def run_compare(args: argparse.Namespace) -> int:
     sweeps: dict[str, list[SweepResult]] = {m: [] for m in methods}
     shared: dict[tuple[str, int], tuple] = {}
     donors: dict[tuple[str, int], Path] = {}
+    head_factory = None
+    if args.cpm_head == "sdn":
+        from .baselines import ZTWHead
+
+        def head_factory(k: int, in_channels: int, n_classes: int):
+            return ZTWHead(in_channels, n_classes, cascading=False)
+
     timings: dict[str, list[float]] = {m: [] for m in methods}
     for seed in seeds:
         try:
@@ -755,6 +769,8 @@ def run_compare(args: argparse.Namespace) -> int:
                         "backbone": spec.to_json(),
                         "dataset": {k: v for k, v in dinfo.items() if k != "data_dir"},
                     }
+                    if args.cpm_head != "prototype":
+                        run_config["cpm_head"] = args.cpm_head
                     b1 = (_branch1_key(rec), seed)
                     seeded = None
                     if b1 in donors and not args.no_resume:
@@ -770,6 +786,7 @@ def run_compare(args: argparse.Namespace) -> int:
                             device=device,
                             progress=not cli._QUIET,
                             run_config=run_config,
+                            head_factory=head_factory,
                         )
                     except RuntimeError:
                         if seeded is None:
@@ -785,6 +802,7 @@ def run_compare(args: argparse.Namespace) -> int:
                             device=device,
                             progress=not cli._QUIET,
                             run_config=run_config,
+                            head_factory=head_factory,
                         )
                     donors.setdefault(b1, run_dir)
                     heads = bt.heads
@@ -852,6 +870,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "seeds": seeds,
         "fit": {k: v for k, v in asdict(base_fit).items() if k != "seed"},
         "lr_overrides": lr_of,
+        "cpm_head": args.cpm_head,
         "head_dim": args.head_dim,
         "n_prototypes": args.n_prototypes,
         "margins": [float(margins[0]), float(margins[-1]), int(margins.numel())],

@@ -270,3 +270,17 @@ def test_compare_rejects_unknown_methods(tmp_path):
     argv = ["compare", "--dataset", "synthetic", "--random-init", "--out", str(tmp_path), "--methods", "calexnet,sdn"]
     with pytest.raises(SystemExit, match="sdn"):
         cli.main(argv)
+
+
+def test_compare_cpm_with_sdn_heads(tmp_path):
+    argv = [
+        "compare", "--dataset", "synthetic", "--synthetic-size", "120", "80", "80", "--synthetic-classes", "4",
+        "--image-size", "16", "--backbone", "cifar_resnet20", "--random-init", "--n-branches", "3",
+        "--seeds", "0", "--epochs", "1", "--batch-size", "64", "--min-support", "5", "--margins", "0:1:11",
+        "--quiet", "--methods", "reference", "--cpm-head", "sdn", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["cpm_head"] == "sdn"
+    channels = [16, 32, 64]  # cifar_resnet20 at layer1.x, layer2.x, layer3.x: pooled 4x4 -> linear to 4 classes
+    assert res["sweeps"]["reference"][0]["info"]["head_flops"] == [2 * c * 16 * 4 for c in channels]
