@@ -668,7 +668,13 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
         "--baseline-reductions",
         default=DEFAULT_BASELINE_REDUCTIONS,
         help="--compare: baseline thresholds to measure: per target FLOPs reduction, the point of the method's "
-        f"Pareto envelope (from results.json) nearest to it (default {DEFAULT_BASELINE_REDUCTIONS})",
+        f"Pareto envelope (from results.json) nearest to it (default {DEFAULT_BASELINE_REDUCTIONS}; '' for none)",
+    )
+    p.add_argument(
+        "--baseline-losses",
+        default="",
+        help="--compare: more baseline thresholds: per accuracy loss (e.g. 0.01 = 1 pt), the envelope point with "
+        "the largest FLOPs reduction whose accuracy in results.json is within that loss of the backbone's",
     )
     p.add_argument("--out", help="directory for speed.json, speed.png, speed.svg, speed_table.md (default: the input)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward, backbone and cascade (256)")
@@ -910,24 +916,29 @@ def _compare_work_dir(out: Path, config: dict, given: str | None) -> Path:
     return out / "work"
 
 
-def _baseline_taus(sweep: dict, targets: list[float]) -> list[float]:
-    """Thresholds of the envelope points of a compare sweep nearest to each target reduction."""
+def _baseline_taus(
+    sweep: dict, targets: list[float], losses: Sequence[float] = (), backbone_accuracy: float = math.nan
+) -> list[float]:
+    """Thresholds of envelope points of a compare sweep: the one nearest to each target reduction, and for each
+    accuracy loss the one with the largest reduction within that loss of ``backbone_accuracy``."""
     from .evaluation import pareto_envelope
 
     params = [float(v) for v in sweep["params"]]
     red, acc = sweep["flops_reduction"], sweep["accuracy"]
     ex, ey = pareto_envelope(red, acc)
+    picks = [int(np.argmin(np.abs(ex - t))) for t in targets if ex.size]
+    for loss in losses:
+        ok = np.nonzero(ey >= backbone_accuracy - loss - 1e-12)[0]
+        if ok.size:
+            picks.append(int(ok[np.argmax(ex[ok])]))
     taus: list[float] = []
-    for t in targets:
-        if ex.size == 0:
-            break
-        j = int(np.argmin(np.abs(ex - t)))
+    for j in sorted(set(picks)):
         # the envelope point's threshold: among sweep points with that reduction and accuracy, the first
         cand = [i for i in range(len(params)) if red[i] == ex[j] and acc[i] == ey[j]]
         tau = params[cand[0]]
         if tau not in taus:
             taus.append(tau)
-    return taus
+    return sorted(taus)
 
 
 def _measure_compare(args) -> int:
@@ -965,9 +976,11 @@ def _measure_compare(args) -> int:
         wanted = torch.linspace(float(c[0]), float(c[1]), int(c[2]), dtype=torch.float64).tolist()
     try:
         targets = [float(v) for v in args.baseline_reductions.split(",") if v.strip()]
+        losses = [float(v) for v in args.baseline_losses.split(",") if v.strip()]
     except ValueError:
         raise SystemExit(
-            f"error: --baseline-reductions: expected a comma list, got {args.baseline_reductions!r}"
+            "error: --baseline-reductions / --baseline-losses: expected comma lists of numbers, got "
+            f"{args.baseline_reductions!r} / {args.baseline_losses!r}"
         ) from None
     out = Path(args.out) if args.out else src
     spec = BackboneSpec.from_json(config["backbone"])
@@ -1013,7 +1026,7 @@ def _measure_compare(args) -> int:
                 params = [float(m) for m in wanted]
             else:
                 rec = None
-                params = _baseline_taus(sw, targets)
+                params = _baseline_taus(sw, targets, losses, results["backbone"]["test_accuracy"])
             old = previous.get((method, seed))
             if old is not None and [p["param"] for p in old["points"]] == params:
                 measured[(method, seed)] = old

@@ -134,9 +134,8 @@ def test_measure_compare_equals_the_compare_results(tmp_path):
     argv += ["--thresholds", "11", "--threshold-quantiles", "9", "--ztw-ensemble-epochs", "1", "--quiet"]
     argv += ["--methods", "calexnet,reference+aligned,pteenet,ztw,boostnet", "--cache-dtype", "float32"]
     assert cli.main(argv) == 0
-    assert cli.main(
-        ["measure", "--compare", str(out), "--margins", "0,0.2,0.5", "--baseline-reductions", "0.1,0.3,0.6", *TIMING]
-    ) == 0  # fmt: skip
+    pick = ["--baseline-reductions", "0.1,0.6", "--baseline-losses", "0.02"]
+    assert cli.main(["measure", "--compare", str(out), "--margins=-0.02,0.2,0.5", *pick, *TIMING]) == 0
     speed = json.loads((out / "speed.json").read_text())
     assert [(r["method"], r["seed"]) for r in speed["runs"]] == [
         ("calexnet", 0), ("reference+aligned", 0), ("pteenet", 0), ("ztw", 0), ("boostnet", 0)
@@ -145,19 +144,34 @@ def test_measure_compare_equals_the_compare_results(tmp_path):
         assert r["points"], r["method"]
         for p in r["points"]:
             assert p["mismatches"] == 0, (r["method"], p["param"])
+            assert p["accuracy"] == p["simulated"]["accuracy"], (r["method"], p["param"])
+            if p["param"] < 0:  # beyond the compare's margin grid: no compare point to check against
+                assert "compare" not in p
+                continue
             assert p["accuracy"] == p["compare"]["accuracy"], (r["method"], p["param"])
             assert p["flops_reduction"] == pytest.approx(p["compare"]["flops_reduction"], abs=1e-12)
         assert max(sum(p["exit_fractions"][:-1]) for p in r["points"]) > 0.2, r["method"]  # samples leave early
-    assert [p["param"] for p in speed["runs"][0]["points"]] == [0.0, 0.2, 0.5]
+    assert [p["param"] for p in speed["runs"][0]["points"]] == [-0.02, 0.2, 0.5]  # a negative margin works too
+    res = json.loads((out / "results.json").read_text())
+    for r in speed["runs"][2:]:  # baselines: the envelope points asked for, in threshold order
+        assert 1 <= len(r["points"]) <= 3 and [p["param"] for p in r["points"]] == sorted(
+            p["param"] for p in r["points"]
+        )
+        sw = res["sweeps"][r["method"]][0]
+        bar = res["backbone"]["test_accuracy"] - 0.02
+        within = [red for red, a in zip(sw["flops_reduction"], sw["accuracy"], strict=True) if a >= bar]
+        if within:  # the point with the largest reduction within 2 pt was measured
+            best = max(within)
+            assert any(p["compare"]["flops_reduction"] == best for p in r["points"]), r["method"]
     assert set(speed["summary"]) == {"calexnet", "reference+aligned", "pteenet", "ztw", "boostnet"}
     assert "speedup_at_m0.2" in speed["summary"]["calexnet"] and "speedup_at_m0.2" not in speed["summary"]["ztw"]
     # --resume keeps what was measured with the same settings (and the other methods' runs), re-measures the rest
-    again = ["measure", "--compare", str(out), "--margins", "0,0.5", "--baseline-reductions", "0.1,0.3,0.6"]
+    again = ["measure", "--compare", str(out), "--margins=-0.02,0.5", *pick]
     assert cli.main([*again, *TIMING, "--resume", "--methods", "calexnet,ztw"]) == 0
     kept = json.loads((out / "speed.json").read_text())
     assert [(r["method"], r["seed"]) for r in kept["runs"]] == [(r["method"], r["seed"]) for r in speed["runs"]]
     assert kept["runs"][1:] == speed["runs"][1:]  # ztw kept as it was, the others untouched
-    assert [p["param"] for p in kept["runs"][0]["points"]] == [0.0, 0.5]  # calexnet re-measured at new margins
+    assert [p["param"] for p in kept["runs"][0]["points"]] == [-0.02, 0.5]  # calexnet re-measured at new margins
     assert kept["runs"][0]["points"][1]["accuracy"] == speed["runs"][0]["points"][2]["accuracy"]
 
 
