@@ -35,6 +35,11 @@ def run_cli(*argv: str) -> int:
     return cli.main([str(a) for a in argv])
 
 
+# Children run in a neutral directory: `python -m` puts the current directory first on sys.path, and from the
+# repository root that would be the source tree (no compiled ops, no calexnet_fast.kernels).
+NEUTRAL_CWD = Path(__file__).resolve().anchor
+
+
 def env_with_package() -> dict:
     env = dict(os.environ)
     root = str(Path(calexnet_fast.__file__).resolve().parents[1])
@@ -62,6 +67,7 @@ def test_help_for_every_command(capsys):
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=NEUTRAL_CWD,
     )
     assert p.returncode == 0 and "--recipe" in p.stdout and "calexnet calibrate" in p.stdout
 
@@ -211,7 +217,9 @@ def test_killed_process_resumes(tmp_path):
     """SIGKILL a real `calexnet train` process mid-run; the same command then finishes from its checkpoint."""
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "calexnet_fast.cli", *TRAIN_RANDOM, "--epochs", "40", "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=env_with_package(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env_with_package(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path
+    )
     ckpt = out / "branches" / "branch_1" / "checkpoint.json"
     deadline = time.time() + 240
     try:
@@ -226,7 +234,9 @@ def test_killed_process_resumes(tmp_path):
         proc.stderr.close()
     done_at_kill = json.loads(ckpt.read_text())["epoch"]
     assert 2 <= done_at_kill < 40
-    p = subprocess.run([*cmd, "--epochs", "40"], env=env_with_package(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [*cmd, "--epochs", "40"], env=env_with_package(), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     hist = json.loads((out / "branches" / "branch_1" / "head.json").read_text())["history"]
     assert [h["epoch"] for h in hist] == list(range(1, 41))  # no epoch lost, none repeated in the record

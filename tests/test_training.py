@@ -359,7 +359,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
         str(tmp_path),
         "4",
     ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     for k in r0:
