@@ -19,6 +19,9 @@ on its own (with one warning, see ``python -m calexnet_fast.info``) where it can
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -63,6 +66,43 @@ class Cascade(ReferenceCascade):
         )
         fast.branch_points = list(reference.branch_points)
         return fast
+
+    @classmethod
+    def from_run(cls, run: str | Path, margin: float = 0.2, device: torch.device | str = "cpu") -> Cascade:
+        """The cascade of a trained and calibrated run directory (``calexnet train`` + ``calexnet calibrate``).
+
+        Args:
+            run: the run directory (``config.json``, ``heads.safetensors``, ``thresholds.safetensors``).
+            margin: the CPM margin whose thresholds to use (the nearest calibrated one).
+            device: where to put the cascade.
+
+        Raises:
+            ValueError: the directory lacks one of those files, or ``margin`` is outside the calibrated sweep.
+        """
+        from .calibration import CalibrationSweep
+        from .recipes import load_heads
+        from .training import BackboneSpec, build_backbone
+
+        run = Path(run)
+        for name, made_by in [
+            ("config.json", "calexnet train"),
+            ("heads.safetensors", "calexnet train"),
+            ("thresholds.safetensors", "calexnet calibrate"),
+        ]:
+            if not (run / name).is_file():
+                raise ValueError(f"run: expected {run / name} (written by `{made_by}`), it is not there")
+        config = json.loads((run / "config.json").read_text())
+        backbone = build_backbone(BackboneSpec.from_json(config["backbone"]))
+        heads, _ = load_heads(run / "heads.safetensors")
+        sweep = CalibrationSweep.load(run / "thresholds.safetensors")
+        lo, hi = float(sweep.margins.min()), float(sweep.margins.max())
+        i = int((sweep.margins - float(margin)).abs().argmin())
+        if not lo - 1e-6 <= float(margin) <= hi + 1e-6:
+            raise ValueError(
+                f"margin: expected a value within the calibrated sweep "
+                f"[{float(sweep.margins.min()):.3f}, {float(sweep.margins.max()):.3f}], got {margin}"
+            )
+        return cls(backbone, list(heads), sweep.at(i)).to(device)
 
     def to_torchscript(self) -> torch.jit.ScriptModule:
         """This cascade as TorchScript, for deployment without Python (see :class:`DeployableCascade`).

@@ -154,6 +154,21 @@ def test_pipeline_train_backbone_train_calibrate_evaluate(tmp_path):
     assert first["accuracy"] > 0.4, "far above chance (0.2)"
     assert last["flops_reduction"] > first["flops_reduction"] > -0.5
     assert sum(first["exit_fractions"]) == pytest.approx(1.0)
+    # the fast cascade loads straight from the run directory and agrees with the simulated decisions
+    from calexnet_fast import Cascade
+    from calexnet_fast.training import BackboneSpec, build_backbone
+
+    cascade = Cascade.from_run(run, margin=0.2)
+    x = torch.randn_like(build_backbone(BackboneSpec.from_json(cfg["backbone"])).example_input(32))
+    expect = cascade.decide(cascade.simulate(x))
+    assert torch.equal(cascade(x).exit_index, expect.exit_index)
+    from calexnet_fast.calibration import CalibrationSweep
+
+    assert torch.equal(cascade.thresholds, CalibrationSweep.load(run / "thresholds.safetensors").at(2))
+    with pytest.raises(ValueError, match="margin"):
+        Cascade.from_run(run, margin=0.9)
+    with pytest.raises(ValueError, match="run: expected .*safetensors"):
+        Cascade.from_run(tmp_path / "bb")
     # the reference recipe in the same cache directory reuses the cached features
     ref = tmp_path / "ref"
     mtime = (run / "cache" / "train.safetensors").stat().st_mtime_ns
