@@ -33,7 +33,9 @@ Results: ``speed.json`` (every point, per-method headline numbers with the seed 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import os
 import platform
 import statistics
 import sys
@@ -471,6 +473,7 @@ def measure_points(
             }
         )
         rows[-1]["achieved_over_ideal"] = rows[-1]["speedup"] / rows[-1]["ideal_speedup"]
+        rows[-1]["load_average_1min"] = os.getloadavg()[0]  # how busy the machine was (shared machines)
     return rows
 
 
@@ -536,6 +539,26 @@ def headline(runs: list[dict], backbone_accuracy: float, max_loss: float = 0.01,
             entry[f"speedup_at_m{canonical_margin:g}"] = aggregate(at_m)
             entry[f"accuracy_at_m{canonical_margin:g}"] = aggregate(at_m_acc)
         out[method] = entry
+    return out
+
+
+def frontiers(runs: list[dict]) -> dict:
+    """Per method and seed, the upper Pareto envelopes of the measured points: accuracy vs FLOPs reduction and
+    accuracy vs measured speedup (each sorted by increasing reduction / speedup)."""
+    from .evaluation import pareto_envelope
+
+    out: dict[str, list[dict]] = {}
+    for r in runs:
+        acc = [p["accuracy"] for p in r["points"]]
+        fx, fy = pareto_envelope([p["flops_reduction"] for p in r["points"]], acc)
+        sx, sy = pareto_envelope([p["speedup"] for p in r["points"]], acc)
+        out.setdefault(r["method"], []).append(
+            {
+                "seed": r["seed"],
+                "accuracy_vs_flops_reduction": {"flops_reduction": fx.tolist(), "accuracy": fy.tolist()},
+                "accuracy_vs_speedup": {"speedup": sx.tolist(), "accuracy": sy.tolist()},
+            }
+        )
     return out
 
 
@@ -620,6 +643,33 @@ def speed_table(summary: dict, canonical_margin: float = 0.2) -> str:
     return "\n".join(lines) + "\n"
 
 
+def margin_table(runs: list[dict]) -> str:
+    """Markdown table of the CPM points, mean ± std over seeds per method and margin."""
+    from .evaluation import aggregate
+
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in runs:
+        if r["param_name"] == "margin":
+            for p in r["points"]:
+                groups.setdefault((r["method"], p["param"]), []).append(p)
+    lines = [
+        "| method | margin | accuracy (%) | FLOPs reduction (%) | measured speedup | ideal 1/(1-r) | achieved/ideal "
+        "| seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (method, m), pts in groups.items():
+
+        def cell(key, scale=1.0, digits=2, unit="", pts=pts):
+            return _fmt(aggregate([p[key] for p in pts]), digits, scale, unit)
+
+        lines.append(
+            f"| {method} | {m:g} | {cell('accuracy', 100.0)} | {cell('flops_reduction', 100.0, 1)} | "
+            f"{cell('speedup', unit='×')} | {cell('ideal_speedup', unit='×')} | {cell('achieved_over_ideal')} | "
+            f"{len(pts)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def points_table(runs: list[dict]) -> str:
     """Markdown table of every measured point."""
     lines = [
@@ -696,6 +746,11 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-loss", type=float, default=0.01, help="accuracy loss of the headline (0.01 = 1 pt)")
     p.add_argument("--resume", action="store_true", help="keep runs already in OUT/speed.json measured alike")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: recompute the summary, frontiers, figure and table from the input's speed.json",
+    )
     p.add_argument("--data-dir", help="dataset directory if it moved")
     cli._add_run_args(p)
 
@@ -714,8 +769,6 @@ def _prepare(model: nn.Module, device, dtype, channels_last: bool) -> nn.Module:
 
 
 def _environment(device: torch.device) -> dict:
-    import os
-
     env = {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -787,6 +840,7 @@ class _Session:
 def _write_outputs(out: Path, payload: dict, title: str) -> None:
     from .evaluation import write_json
 
+    payload["title"] = title
     write_json(out / "speed.json", payload)
     if payload["runs"]:
         plot_speed(
@@ -795,7 +849,8 @@ def _write_outputs(out: Path, payload: dict, title: str) -> None:
             backbone_accuracy=payload["backbone"]["test_accuracy"],
             title=title,
         )
-        (out / "speed_table.md").write_text(speed_table(payload["summary"]) + "\n" + points_table(payload["runs"]))
+        tables = [speed_table(payload["summary"]), margin_table(payload["runs"]), points_table(payload["runs"])]
+        (out / "speed_table.md").write_text("\n".join(tables))
 
 
 def _payload(args, session: _Session, runs: list[dict], source: dict, t_start: float) -> dict:
@@ -816,6 +871,7 @@ def _payload(args, session: _Session, runs: list[dict], source: dict, t_start: f
             "images_per_s_median_over_points": statistics.median(bb_ips) if bb_ips else None,
         },
         "summary": headline(runs, session.backbone_accuracy, args.max_loss),
+        "frontiers": frontiers(runs),
         "runs": runs,
         "seconds": time.time() - t_start,
     }
@@ -983,6 +1039,11 @@ def _measure_compare(args) -> int:
             f"{args.baseline_reductions!r} / {args.baseline_losses!r}"
         ) from None
     out = Path(args.out) if args.out else src
+    source = {
+        "compare": str(src),
+        "work_dir": str(work),
+        "results_json_sha256": hashlib.sha256(res_path.read_bytes()).hexdigest()[:16],
+    }
     spec = BackboneSpec.from_json(config["backbone"])
     seed_everything(0)  # as `calexnet compare` does before it builds the backbone (matters for --random-init)
     ns = argparse.Namespace(data_dir=args.data_dir)
@@ -1105,9 +1166,9 @@ def _measure_compare(args) -> int:
                 f"{best['speedup']:.2f}x at {param_name} {best['param']:.3g} (accuracy {best['accuracy']:.4f}); "
                 f"mismatches vs simulated {sum(r['mismatches'] for r in rows)}"
             )
-            payload = _payload(args, session, merged(), {"compare": str(src), "work_dir": str(work)}, t_start)
+            payload = _payload(args, session, merged(), source, t_start)
             _write_outputs(out, payload, _title(bb, session, config))
-    payload = _payload(args, session, merged(), {"compare": str(src), "work_dir": str(work)}, t_start)
+    payload = _payload(args, session, merged(), source, t_start)
     _write_outputs(out, payload, _title(bb, session, config))
     _report(payload, out)
     return 0
@@ -1132,8 +1193,34 @@ def _nearest(params: list, value: float) -> int | None:
     return j if abs(vals[j] - value) < 1e-9 else None
 
 
+def _render(args) -> int:
+    """``--render``: summary, frontiers, figure and table again from an existing speed.json (no measuring)."""
+    import json
+
+    from . import cli
+    from .evaluation import write_json
+
+    cli._setup(args)
+    src = Path(args.run or args.compare)
+    out = Path(args.out) if args.out else src
+    path = src / "speed.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --render: no speed.json in {src}; measure first")
+    payload = json.loads(path.read_text())
+    payload["summary"] = headline(payload["runs"], payload["backbone"]["test_accuracy"], args.max_loss)
+    payload["frontiers"] = frontiers(payload["runs"])
+    title = payload.get("title") or f"real cascade vs backbone alone, {payload['environment'].get('device')}"
+    if out != src:
+        write_json(out / "speed.json", payload)
+    _write_outputs(out, payload, title)
+    _report(payload, out)
+    return 0
+
+
 def run_measure(args: argparse.Namespace) -> int:
     """``calexnet measure``."""
+    if args.render:
+        return _render(args)
     return _measure_run(args) if args.run else _measure_compare(args)
 
 

@@ -173,6 +173,14 @@ def test_measure_compare_equals_the_compare_results(tmp_path):
     assert kept["runs"][1:] == speed["runs"][1:]  # ztw kept as it was, the others untouched
     assert [p["param"] for p in kept["runs"][0]["points"]] == [-0.02, 0.5]  # calexnet re-measured at new margins
     assert kept["runs"][0]["points"][1]["accuracy"] == speed["runs"][0]["points"][2]["accuracy"]
+    # --render re-derives summary, frontiers, figure and table from speed.json alone
+    (out / "speed.png").unlink()
+    assert cli.main(["measure", "--compare", str(out), "--render", "--max-loss", "0.5", "--quiet"]) == 0
+    rendered = json.loads((out / "speed.json").read_text())
+    assert rendered["runs"] == kept["runs"] and (out / "speed.png").is_file()
+    assert rendered["summary"]["calexnet"]["max_loss"] == 0.5
+    env = rendered["frontiers"]["calexnet"][0]["accuracy_vs_speedup"]
+    assert env["speedup"] == sorted(env["speedup"]) and env["accuracy"] == sorted(env["accuracy"], reverse=True)
 
 
 def test_headline_by_hand():
