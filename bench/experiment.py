@@ -51,12 +51,40 @@ def run(args: argparse.Namespace) -> int:
     return subprocess.call(argv)
 
 
+def _exit_data(args: argparse.Namespace, results: dict, method: str, seed: int, cache):
+    """``("cpm", branch logits [K, N, C])`` or ``("global", ExitOutputs)`` of a trained method on ``cache``."""
+    import torch
+
+    from calexnet_fast.baselines import BaselineConfig, ZTWHead, exit_outputs, make_baseline
+    from calexnet_fast.heads import PrototypePoolingHead
+    from calexnet_fast.recipes import head_logits
+    from calexnet_fast.training import load_state_file
+
+    cfg = results["config"]
+    shapes = cache.branch_shapes
+    info = next(s for s in results["sweeps"][method] if s["seed"] == seed)["info"]
+    run_dir = Path(args.work) / "runs" / f"{info.get('heads_trained_as', method)}_seed{seed}"
+    if (run_dir / "model.safetensors").is_file():
+        tensors, _ = load_state_file(run_dir / "model.safetensors")
+        model = make_baseline(method, [s[0] for s in shapes], cache.n_classes, BaselineConfig(**cfg["baselines"]))
+        model.load_state_dict(tensors)
+        return "global", exit_outputs(model, cache)
+    heads = []
+    for k, s in enumerate(shapes):
+        tensors, _ = load_state_file(run_dir / f"branch_{k + 1}" / "head.safetensors")
+        if cfg.get("cpm_head", "prototype") == "sdn":
+            h = ZTWHead(s[0], cache.n_classes, cascading=False)
+        else:
+            h = PrototypePoolingHead(s[0], cache.n_classes, dim=cfg["head_dim"], n_prototypes=cfg["n_prototypes"])
+        h.load_state_dict(tensors)
+        heads.append(h.eval())
+    return "cpm", torch.stack([head_logits(h, cache, k) for k, h in enumerate(heads)])
+
+
 def per_exit(args: argparse.Namespace) -> int:
     import torch
 
-    from calexnet_fast.baselines import BaselineConfig, exit_outputs, make_baseline
-    from calexnet_fast.recipes import head_logits
-    from calexnet_fast.training import FeatureCache, load_state_file
+    from calexnet_fast.training import FeatureCache
 
     results = json.loads((Path(args.out) / "results.json").read_text())
     cfg = results["config"]
@@ -64,37 +92,14 @@ def per_exit(args: argparse.Namespace) -> int:
     y, zb = test.labels_tensor(), test.logits_tensor()
     bb_pred = zb.argmax(1)
     out: dict = {"backbone_test_accuracy": float((bb_pred == y).double().mean()), "methods": {}}
-    shapes = test.branch_shapes
     for method in cfg["methods"]:
         rows = []
         for seed in cfg["seeds"]:
-            info = next(s for s in results["sweeps"][method] if s["seed"] == seed)["info"]
-            run_dir = Path(args.work) / "runs" / f"{info.get('heads_trained_as', method)}_seed{seed}"
-            if (run_dir / "model.safetensors").is_file():
-                tensors, _ = load_state_file(run_dir / "model.safetensors")
-                bcfg = BaselineConfig(**cfg["baselines"])
-                model = make_baseline(method, [s[0] for s in shapes], test.n_classes, bcfg)
-                model.load_state_dict(tensors)
-                eo = exit_outputs(model, test)
-                preds, scores = eo.preds, eo.scores
+            kind, data = _exit_data(args, results, method, seed, test)
+            if kind == "global":
+                preds, scores = data.preds, data.scores
             else:
-                from calexnet_fast.baselines import ZTWHead
-                from calexnet_fast.heads import PrototypePoolingHead
-
-                heads = []
-                for k, s in enumerate(shapes):
-                    tensors, _ = load_state_file(run_dir / f"branch_{k + 1}" / "head.safetensors")
-                    if cfg.get("cpm_head", "prototype") == "sdn":
-                        h = ZTWHead(s[0], test.n_classes, cascading=False)
-                    else:
-                        h = PrototypePoolingHead(
-                            s[0], test.n_classes, dim=cfg["head_dim"], n_prototypes=cfg["n_prototypes"]
-                        )
-                    h.load_state_dict(tensors)
-                    heads.append(h.eval())
-                z = torch.stack([head_logits(h, test, k) for k, h in enumerate(heads)])
-                p = torch.softmax(z, -1)
-                scores, preds = p.max(-1)
+                scores, preds = torch.softmax(data, -1).max(-1)
             rows.append(
                 {
                     "seed": seed,
@@ -112,17 +117,100 @@ def per_exit(args: argparse.Namespace) -> int:
     return 0
 
 
+def heldout(args: argparse.Namespace) -> int:
+    """Re-evaluate the trained methods with calibration on half of the test split (images the backbone never
+    trained on, unlike the validation split carved out of train) and measurement on the other half."""
+    import torch
+
+    from calexnet_fast import evaluation as ev
+    from calexnet_fast.data import stratified_split
+    from calexnet_fast.flops import FlopsProfile
+    from calexnet_fast.recipes import recipe
+    from calexnet_fast.training import FeatureCache
+
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    cfg = results["config"]
+    test = FeatureCache.load(Path(args.features) / "test.safetensors")
+    y, zb = test.labels_tensor(), test.logits_tensor()
+    meas, cal = stratified_split(y, 0.5, seed=0)
+    seg = tuple(results["backbone"]["segment_flops"])
+    lo, hi, num = cfg["margins"]
+    margins = torch.linspace(lo, hi, num, dtype=torch.float64)
+    sweeps: dict = {}
+    for method in cfg["methods"]:
+        sweeps[method] = []
+        for seed in cfg["seeds"]:
+            info = next(s for s in results["sweeps"][method] if s["seed"] == seed)["info"]
+            profile = FlopsProfile(seg, tuple(info["head_flops"]))
+            kind, data = _exit_data(args, results, method, seed, test)
+            if kind == "cpm":
+                rec = recipe(method)
+                sw = ev.sweep_cpm(
+                    data[:, cal],
+                    zb[cal],
+                    y[cal],
+                    data[:, meas],
+                    zb[meas],
+                    y[meas],
+                    profile,
+                    margins,
+                    aligned=rec.aligned,
+                    margin_mode=cfg["margin_mode"],
+                    min_support=cfg["min_support"],
+                    method=method,
+                    seed=seed,
+                )
+            else:
+                grid = ev.threshold_grid(
+                    data.scores[:, cal], cfg["thresholds"]["uniform"], cfg["thresholds"]["val_quantiles"]
+                )
+                sw = ev.sweep_global_threshold(
+                    data.scores[:, meas],
+                    data.preds[:, meas],
+                    zb[meas],
+                    y[meas],
+                    profile,
+                    grid,
+                    method=method,
+                    seed=seed,
+                )
+            sweeps[method].append(sw)
+    summary = ev.summarize(sweeps)
+    out = Path(args.out) / "heldout_calibration"
+    bb_acc = float((zb[meas].argmax(1) == y[meas]).double().mean())
+    ev.write_json(
+        out / "results.json",
+        {
+            "what": "calibration (CPM thresholds, baseline threshold grid) on a stratified half of the test split "
+            "(split seed 0), measurement on the other half; heads as trained by the compare run in ..",
+            "backbone_accuracy_measured_half": bb_acc,
+            "summary": summary,
+            "sweeps": {m: [s.to_json() for s in v] for m, v in sweeps.items()},
+        },
+    )
+    ev.plot_envelopes(
+        summary,
+        [out / "pareto.png", out / "pareto.svg"],
+        backbone_accuracy=bb_acc,
+        title="calibrated on half of the test split, measured on the other half",
+    )
+    table = ev.results_table(json.loads(json.dumps(ev._json_safe(summary))))
+    (out / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "per-exit"):
+    for name in ("run", "per-exit", "heldout"):
         s = sub.add_parser(name)
         s.add_argument("--data-root", default=os.environ.get("CALEXNET_DATA", str(DEFAULT_DATA)))
         s.add_argument("--work", required=True, help="compare --work-dir (checkpoints and heads, outside the repo)")
         s.add_argument("--features", required=True, help="compare --cache-dir (feature caches, outside the repo)")
         s.add_argument("--out", default="docs/results")
     args = p.parse_args(argv)
-    return run(args) if args.cmd == "run" else per_exit(args)
+    return {"run": run, "per-exit": per_exit, "heldout": heldout}[args.cmd](args)
 
 
 if __name__ == "__main__":
