@@ -26,6 +26,16 @@ from calexnet_fast.training import CachedBatch, FeatureCache, FitConfig
 NAN = float("nan")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops: with two intra-op threads on a loaded 2-core machine every op waits for a
+    descheduled thread (measured 20x slower); one thread keeps them fast. Restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 # --------------------------------------------------------------------------------------------------
 # the global-threshold exit rule
 # --------------------------------------------------------------------------------------------------

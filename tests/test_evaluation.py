@@ -28,6 +28,16 @@ from calexnet_fast.flops import FlopsProfile
 PROFILE = FlopsProfile((1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0))  # exit k costs k, the backbone 4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops: with two intra-op threads on a loaded 2-core machine every op waits for a
+    descheduled thread (measured 20x slower); one thread keeps them fast. Restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 # --------------------------------------------------------------------------------------------------
 # envelopes
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +223,7 @@ def test_compare_end_to_end_on_synthetic_data(tmp_path, capsys):
         "--image-size", "16", "--backbone", "cifar_resnet20", "--random-init", "--n-branches", "3",
         "--out", str(out), "--seeds", "0,1", "--epochs", "1", "--batch-size", "64", "--head-dim", "8",
         "--n-prototypes", "4", "--min-support", "5", "--margins", "0:1:11", "--thresholds", "11",
-        "--threshold-quantiles", "9", "--ztw-ensemble-epochs", "1", "--quiet",
+        "--threshold-quantiles", "9", "--ztw-ensemble-epochs", "1", "--quiet", "--threads", "1",
         "--methods", "calexnet,reference,reference+aligned,pteenet,ztw,boostnet",
     ]  # fmt: skip
     assert cli.main(argv) == 0
@@ -255,7 +265,7 @@ def test_compare_shares_branch_one_exactly(tmp_path):
         "compare", "--dataset", "synthetic", "--synthetic-size", "160", "100", "100", "--synthetic-classes", "4",
         "--image-size", "16", "--backbone", "cifar_resnet20", "--random-init", "--n-branches", "3",
         "--seeds", "0", "--epochs", "1", "--batch-size", "64", "--head-dim", "8", "--n-prototypes", "4",
-        "--min-support", "5", "--margins", "0:1:11", "--quiet",
+        "--min-support", "5", "--margins", "0:1:11", "--quiet", "--threads", "1",
     ]  # fmt: skip
     assert cli.main([*base, "--out", str(tmp_path / "a"), "--methods", "reference,reference+weights"]) == 0
     assert cli.main([*base, "--out", str(tmp_path / "b"), "--methods", "reference+weights"]) == 0
@@ -277,7 +287,7 @@ def test_compare_cpm_with_sdn_heads(tmp_path):
         "compare", "--dataset", "synthetic", "--synthetic-size", "120", "80", "80", "--synthetic-classes", "4",
         "--image-size", "16", "--backbone", "cifar_resnet20", "--random-init", "--n-branches", "3",
         "--seeds", "0", "--epochs", "1", "--batch-size", "64", "--min-support", "5", "--margins", "0:1:11",
-        "--quiet", "--methods", "reference", "--cpm-head", "sdn", "--out", str(tmp_path),
+        "--quiet", "--threads", "1", "--methods", "reference", "--cpm-head", "sdn", "--out", str(tmp_path),
     ]  # fmt: skip
     assert cli.main(argv) == 0
     res = json.loads((tmp_path / "results.json").read_text())
