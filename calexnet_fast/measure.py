@@ -254,6 +254,10 @@ class TimingConfig:
         timing_images: images timed per round (a fixed random subset of the test images, the same for
             every point; ``None`` or 0: all of them). Accuracy always uses every test image.
         timing_seed: seed of that subset.
+        noise_tolerance: if the slowest round of the backbone or of the cascade took more than this factor
+            times its fastest (another job got in the way), more rounds are run ...
+        max_extra_rounds: ... up to this many, so that the median is not set by the disturbed rounds.
+            Every round is recorded (``seconds_per_round``).
     """
 
     batch_size: int = 256
@@ -261,6 +265,8 @@ class TimingConfig:
     warmup: int = 1
     timing_images: int | None = None
     timing_seed: int = 0
+    noise_tolerance: float = 1.2
+    max_extra_rounds: int = 4
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -269,8 +275,18 @@ class TimingConfig:
             raise ValueError(f"repeats: expected >= 1, got {self.repeats}")
         if self.warmup < 0:
             raise ValueError(f"warmup: expected >= 0, got {self.warmup}")
+        if not self.noise_tolerance >= 1.0 or self.max_extra_rounds < 0:
+            raise ValueError(
+                f"noise_tolerance, max_extra_rounds: expected >= 1 and >= 0, got {self.noise_tolerance} and "
+                f"{self.max_extra_rounds}"
+            )
         if self.timing_images is not None and self.timing_images < 0:
             raise ValueError(f"timing_images: expected >= 0 (0: all), got {self.timing_images}")
+
+
+def _noisy(times: dict[str, list[float]], tolerance: float) -> bool:
+    """Whether any candidate's slowest round took more than ``tolerance`` times its fastest."""
+    return any(ts and max(ts) > tolerance * min(ts) for ts in times.values())
 
 
 def _sync(device: torch.device) -> None:
@@ -444,13 +460,15 @@ def measure_points(
             run_cascade()
         times: dict[str, list[float]] = {"backbone": [], "cascade": []}
         energy: dict[str, list[float]] = {"backbone": [], "cascade": []}
-        for r in range(cfg.repeats):
+        r = 0
+        while r < cfg.repeats or (r < cfg.repeats + cfg.max_extra_rounds and _noisy(times, cfg.noise_tolerance)):
             order = ("backbone", "cascade") if r % 2 == 0 else ("cascade", "backbone")
             for name in order:
                 dt, joules = _timed(run_backbone if name == "backbone" else run_cascade, device, meter)
                 times[name].append(dt)
                 if joules is not None:
                     energy[name].append(joules / timed_images.shape[0])
+            r += 1
         med = {name: statistics.median(ts) for name, ts in times.items()}
         timed_r = profile.flops_reduction(timed_hist)
         rows.append(
@@ -737,6 +755,12 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
         help="time each round on a fixed random subset of this many test images (0: all); accuracy always "
         "uses all of them",
     )
+    p.add_argument(
+        "--max-extra-rounds",
+        type=int,
+        default=4,
+        help="more rounds (up to this many) when a candidate's slowest round is > 1.2x its fastest (4)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument(
         "--channels-last",
@@ -802,7 +826,13 @@ class _Session:
         self.device = cli._device(args)
         self.dtype = DTYPES[args.dtype]
         self.channels_last = True if args.channels_last is None else bool(args.channels_last)
-        self.timing = TimingConfig(args.batch_size, args.repeats, args.warmup, args.timing_images or None)
+        self.timing = TimingConfig(
+            args.batch_size,
+            args.repeats,
+            args.warmup,
+            args.timing_images or None,
+            max_extra_rounds=args.max_extra_rounds,
+        )
         self.progress = not cli._QUIET
         self.bb = _prepare(bb, self.device, self.dtype, self.channels_last)
         t0 = time.time()
