@@ -914,9 +914,20 @@ def _previous(out: Path, args, session: _Session) -> dict:
     if not args.resume or not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    if old.get("timing") != asdict(session.timing) or old.get("dtype") != args.dtype:
+    cfg = session.timing
+    same = ("batch_size", "repeats", "warmup", "timing_images", "timing_seed")
+    if any((old.get("timing") or {}).get(k) != getattr(cfg, k) for k in same) or old.get("dtype") != args.dtype:
         return {}
-    return {(r["method"], r["seed"]): r for r in old.get("runs", [])}
+
+    def settled(run: dict) -> bool:
+        # a point whose rounds were disturbed and that did not get every extra round is measured again
+        return all(
+            not _noisy(p["seconds_per_round"], cfg.noise_tolerance)
+            or len(p["seconds_per_round"]["backbone"]) >= cfg.repeats + cfg.max_extra_rounds
+            for p in run["points"]
+        )
+
+    return {(r["method"], r["seed"]): r for r in old.get("runs", []) if settled(r)}
 
 
 def _select_margins(available: torch.Tensor, wanted: list[float] | None) -> list[int]:

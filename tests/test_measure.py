@@ -174,6 +174,15 @@ def test_measure_compare_equals_the_compare_results(tmp_path):
     assert kept["runs"][1:] == speed["runs"][1:]  # ztw kept as it was, the others untouched
     assert [p["param"] for p in kept["runs"][0]["points"]] == [-0.02, 0.5]  # calexnet re-measured at new margins
     assert kept["runs"][0]["points"][1]["accuracy"] == speed["runs"][0]["points"][2]["accuracy"]
+    # a run with a disturbed point (slowest round > 1.2x the fastest, extra rounds not all used) is measured again
+    kept["runs"][3]["points"][0]["seconds_per_round"] = {"backbone": [1.0, 5.0], "cascade": [1.0, 1.0]}
+    (out / "speed.json").write_text(json.dumps(kept))
+    assert cli.main([*again, *TIMING, "--resume", "--methods", "ztw"]) == 0
+    remeasured = json.loads((out / "speed.json").read_text())
+    assert remeasured["runs"][3]["method"] == "ztw"
+    assert remeasured["runs"][3]["points"][0]["seconds_per_round"]["backbone"] != [1.0, 5.0]
+    assert remeasured["runs"][:3] == kept["runs"][:3] and remeasured["runs"][4] == kept["runs"][4]
+    kept = remeasured
     # --render re-derives summary, frontiers, figure and table from speed.json alone
     (out / "speed.png").unlink()
     assert cli.main(["measure", "--compare", str(out), "--render", "--max-loss", "0.5", "--quiet"]) == 0
