@@ -613,9 +613,9 @@ def plot_speed(
             ax1.scatter(red, acc, s=14, color=color, alpha=0.7)
             ax2.scatter(sp, acc, s=14, color=color, alpha=0.7)
             ex, ey = pareto_envelope(red, acc)
-            ax1.plot(ex, ey, ls, color=color, lw=lw, label=label)
+            ax1.plot(ex, ey, ls, color=color, lw=0.7 * lw, alpha=0.85, label=label)
             sx, sy = pareto_envelope(sp, acc)
-            ax2.plot(sx, sy, ls, color=color, lw=lw, label=label)
+            ax2.plot(sx, sy, ls, color=color, lw=0.7 * lw, alpha=0.85, label=label)
             ix, iy = pareto_envelope(ideal, acc)
             ax2.plot(ix, iy, ":", color=color, lw=0.8, alpha=0.6)
             first = False
@@ -640,7 +640,9 @@ def plot_speed(
 
 def _fmt(agg: dict | None, digits: int = 2, scale: float = 1.0, unit: str = "×") -> str:
     if not agg or agg.get("mean") is None or not math.isfinite(agg["mean"]):
-        return "n/a"
+        values = (agg or {}).get("values") or []
+        missing = sum(1 for v in values if v is None or not math.isfinite(v))
+        return f"n/a ({missing}/{len(values)} seeds have none)" if missing else "n/a"
     return f"{scale * agg['mean']:.{digits}f}{unit} ± {scale * agg['std']:.{digits}f}"
 
 
