@@ -8,12 +8,11 @@ Prints the median wall time of ``calibrate`` (aligned and unaligned) per sweep.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from calexnet_fast.calibration import calibrate
+from calexnet_fast.evaluation.timing import median_time
 
 
 def main() -> None:
@@ -32,15 +31,15 @@ def main() -> None:
     margins = torch.linspace(0, 0.5, a.margins)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for aligned in (True, False):
-        calibrate(branches, bb, y, margins, aligned=aligned)
-        times = []
-        for _ in range(a.repeat):
-            t = time.perf_counter()
-            calibrate(branches, bb, y, margins, aligned=aligned)
-            times.append(time.perf_counter() - t)
+        t = median_time(
+            lambda aligned=aligned: calibrate(branches, bb, y, margins, aligned=aligned),
+            torch.device("cpu"),
+            a.repeat,
+            warmup=1,
+        )
         print(
             f"aligned={aligned!s:5}: {a.margins} margins x {a.branches} branches x {a.n} samples x "
-            f"{a.classes} classes: median {statistics.median(times) * 1e3:.1f} ms"
+            f"{a.classes} classes: median {t * 1e3:.1f} ms"
         )
 
 

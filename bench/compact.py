@@ -19,17 +19,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, interleaved_medians, median_time, write_json  # noqa: E402
+from common import write_json  # noqa: E402
+from kernel_timing import KernelTimer, copy_bandwidth, print_speedups, speedup_row  # noqa: E402
 
-from calexnet_fast import ops  # noqa: E402
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """GB/s of a plain 512 MiB device-to-device copy (read + write)."""
-    src = torch.empty(128 * 2**20, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), device, repeats=20)
-    return 2 * src.numel() * 4 / t / 1e9
+from calexnet_fast.evaluation.timing import environment, interleaved_medians  # noqa: E402
+from calexnet_fast.ops import compact  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [64, 256] if args.quick else [64, 256, 1024]
     keeps = [0.1, 0.5, 0.9] if args.quick else [0.1, 0.3, 0.5, 0.7, 0.9]
     repeats = args.repeats or (5 if args.quick else (15 if device.type == "cpu" else 50))
-    peak = copy_bandwidth(device) if device.type == "cuda" else None
+    peak = copy_bandwidth(device, KernelTimer(device, repeats)) if device.type == "cuda" else None
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -54,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         mask = (torch.rand(batch, generator=gen) < keep).to(device)
         times = interleaved_medians(
             {
-                "compact": lambda: ops.compact(x, mask),
+                "compact": lambda: compact(x, mask),
                 "bool_index": lambda: x[mask],
                 "index_select": lambda: x.index_select(0, mask.nonzero()[:, 0]),
             },
@@ -62,38 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
             repeats,
         )
         moved = 2 * int(mask.sum()) * x[0].numel() * x.element_size()
-        row = {
-            "shape": [batch, *shape],
-            "keep": keep,
-            "kept": int(mask.sum()),
-            **{f"{k}_ms": v * 1e3 for k, v in times.items()},
-            "speedup_vs_bool_index": times["bool_index"] / times["compact"],
-            "speedup_vs_index_select": times["index_select"] / times["compact"],
-            "compact_GBps": moved / times["compact"] / 1e9,
-        }
-        if peak:
-            row["fraction_of_copy_bandwidth"] = row["compact_GBps"] / peak
-        rows.append(row)
-
-    header = (
-        f"{'shape':>20} {'keep':>5} {'compact ms':>11} {'x[mask] ms':>11} {'idx_sel ms':>11} "
-        f"{'vs x[mask]':>10} {'vs idx_sel':>10} {'GB/s':>8}"
-    )
-    print(header + ("  of copy BW" if peak else ""))
-    for r in rows:
-        line = (
-            f"{str(r['shape']):>20} {r['keep']:>5.1f} {r['compact_ms']:>11.3f} {r['bool_index_ms']:>11.3f} "
-            f"{r['index_select_ms']:>11.3f} {r['speedup_vs_bool_index']:>9.2f}x {r['speedup_vs_index_select']:>9.2f}x "
-            f"{r['compact_GBps']:>8.1f}"
-        )
-        if peak:
-            line += f"  {100 * r['fraction_of_copy_bandwidth']:>5.1f} %"
-        print(line)
-    worst = min(min(r["speedup_vs_bool_index"], r["speedup_vs_index_select"]) for r in rows)
-    print(
-        f"slowest ratio torch/compact over all cases: {worst:.2f}x"
-        + (f"; device copy bandwidth {peak:.0f} GB/s" if peak else "")
-    )
+        case = {"shape": [batch, *shape], "keep": keep, "kept": int(mask.sum())}
+        rows.append(speedup_row(case, times, "compact", moved, peak))
+    print_speedups(rows, "compact", peak)
     result = {"benchmark": "compact", "environment": environment(device), "copy_GBps": peak, "rows": rows}
     write_json(args.json, result)
     return result

@@ -15,7 +15,6 @@ exit's own accuracy and its agreement with the backbone (what the Pareto curves 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -57,8 +56,8 @@ def _exit_data(args: argparse.Namespace, results: dict, method: str, seed: int, 
 
     from calexnet_fast.baselines import BaselineConfig, ZTWHead, exit_outputs, make_baseline
     from calexnet_fast.heads import PrototypePoolingHead
+    from calexnet_fast.io import load_state_file
     from calexnet_fast.recipes import head_logits
-    from calexnet_fast.training import load_state_file
 
     cfg = results["config"]
     shapes = cache.branch_shapes
@@ -84,9 +83,10 @@ def _exit_data(args: argparse.Namespace, results: dict, method: str, seed: int, 
 def per_exit(args: argparse.Namespace) -> int:
     import torch
 
-    from calexnet_fast.training import FeatureCache
+    from calexnet_fast import io
+    from calexnet_fast.features import FeatureCache
 
-    results = json.loads((Path(args.out) / "results.json").read_text())
+    results = io.read_json(Path(args.out) / "results.json", "compare results")
     cfg = results["config"]
     test = FeatureCache.load(Path(args.features) / "test.safetensors")
     y, zb = test.labels_tensor(), test.logits_tensor()
@@ -112,7 +112,7 @@ def per_exit(args: argparse.Namespace) -> int:
         acc = torch.tensor([r["accuracy"] for r in rows]).mean(0)
         print(f"{method:20s} per-exit test accuracy (mean over seeds): {[round(float(a), 4) for a in acc]}")
     path = Path(args.out) / "per_exit.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    io.write_json(path, out, indent=1)
     print(f"wrote {path}")
     return 0
 
@@ -123,12 +123,13 @@ def heldout(args: argparse.Namespace) -> int:
     import torch
 
     from calexnet_fast import evaluation as ev
+    from calexnet_fast import io
     from calexnet_fast.data import stratified_split
+    from calexnet_fast.features import FeatureCache
     from calexnet_fast.flops import FlopsProfile
     from calexnet_fast.recipes import recipe
-    from calexnet_fast.training import FeatureCache
 
-    results = json.loads((Path(args.out) / "results.json").read_text())
+    results = io.read_json(Path(args.out) / "results.json", "compare results")
     cfg = results["config"]
     test = FeatureCache.load(Path(args.features) / "test.safetensors")
     y, zb = test.labels_tensor(), test.logits_tensor()
@@ -178,7 +179,7 @@ def heldout(args: argparse.Namespace) -> int:
     summary = ev.summarize(sweeps)
     out = Path(args.out) / "heldout_calibration"
     bb_acc = float((zb[meas].argmax(1) == y[meas]).double().mean())
-    ev.write_json(
+    io.write_json(
         out / "results.json",
         {
             "what": "calibration (CPM thresholds, baseline threshold grid) on a stratified half of the test split "
@@ -187,6 +188,7 @@ def heldout(args: argparse.Namespace) -> int:
             "summary": summary,
             "sweeps": {m: [s.to_json() for s in v] for m, v in sweeps.items()},
         },
+        indent=1,
     )
     ev.plot_envelopes(
         summary,
@@ -194,8 +196,8 @@ def heldout(args: argparse.Namespace) -> int:
         backbone_accuracy=bb_acc,
         title="calibrated on half of the test split, measured on the other half",
     )
-    table = ev.results_table(json.loads(json.dumps(ev._json_safe(summary))))
-    (out / "table.md").write_text(table)
+    table = ev.results_table(summary)
+    io.write_text(out / "table.md", table)
     print(table)
     return 0
 

@@ -13,13 +13,14 @@ CIFAR-10 JPEG folder it falls back to a random-init ResNet and synthetic images 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from calexnet_fast import backbones, data, recipes, training
+from calexnet_fast import backbones, data, io, recipes, training
+from calexnet_fast.distributed import default_device
+from calexnet_fast.features import build_feature_cache
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -35,7 +36,7 @@ class RecomputeSource(training.BatchSource):
 
     def batches(self, order, batch_size, device):
         stages = self.backbone.stages
-        for idx in training._split_batches(order, batch_size):
+        for idx in training.split_batches(order, batch_size):
             with torch.no_grad():
                 h = self.images[idx].to(device)
                 for s in range(self.branch + 1):
@@ -72,7 +73,7 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device) if a.device else training.default_device()
+    device = torch.device(a.device) if a.device else default_device()
     root = Path(a.data_root)
     try:
         ckpt = backbones.find_pretrained_cifar_checkpoint(a.depth, root)
@@ -94,11 +95,11 @@ def main() -> None:
     labels = ds.labels.clone()
 
     t0 = time.perf_counter()
-    cache = training.build_feature_cache(bb, ds, batch_size=a.batch_size, device=device, progress=False)
+    cache = build_feature_cache(bb, ds, batch_size=a.batch_size, device=device, progress=False)
     t_cache = time.perf_counter() - t0
     disk = None
     if a.disk:
-        disk = training.build_feature_cache(
+        disk = build_feature_cache(
             bb, ds, batch_size=a.batch_size, device=device, progress=False, storage="disk", path=a.disk
         )
     rec = recipes.recipe("calexnet")
@@ -147,20 +148,17 @@ def main() -> None:
         f"(cache built once in {t_cache:.2f}s)"
     )
     if a.json:
-        Path(a.json).write_text(
-            json.dumps(
-                {
-                    "source": source,
-                    "n": len(ds),
-                    "device": str(device),
-                    "threads": torch.get_num_threads(),
-                    "cache_build_s": t_cache,
-                    "branches": rows,
-                    "total_speedup": tr / tc,
-                },
-                indent=2,
-            )
-            + "\n"
+        io.write_json(
+            a.json,
+            {
+                "source": source,
+                "n": len(ds),
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "cache_build_s": t_cache,
+                "branches": rows,
+                "total_speedup": tr / tc,
+            },
         )
 
 

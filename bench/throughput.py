@@ -1,7 +1,8 @@
-"""The main job: end-to-end cascade throughput against the backbone, plus the kernel micro-benchmarks.
+"""The main job: end-to-end cascade throughput against the backbone, the causes separated.
 
     python bench/throughput.py [--quick] [--device cpu|cuda] [--model resnet18,resnet50] [--resolution R]
-                               [--batch-size B] [--dtype float32|bfloat16|float16] [--json PATH] [--plot PATH]
+                               [--batch-size B] [--dtype float32|bfloat16|float16] [--[no-]fold] [--compile]
+                               [--stream-batches N] [--threads T] [--json PATH] [--plot PATH]
 
 Runs on a fresh machine with no data and no GPU: the backbones are torchvision ResNet-18 / ResNet-50
 (random weights, ImageNet stem) with three prototype-pooling heads at layer1..layer3 (random weights), and
@@ -10,12 +11,22 @@ survivors exit, with q found by bisection so that the cascade's FLOPs reduction 
 ``calexnet_fast.flops``, a failed head still paid for) hits each target. Thresholds are fit on the
 benchmark batch itself, and the reduction reported is the one realised on it.
 
-For each model and profile: images/s of the full backbone, of ``ReferenceCascade`` (plain PyTorch) and of
-``calexnet_fast.Cascade``, measured in interleaved rounds (median), the FLOPs reduction r, the ideal speedup
-1 / (1 - r) and achieved / ideal. Then the kernel micro-benchmarks (bench/compact.py, bench/heads.py) in
-quick mode. ``--soak N`` also runs N consecutive batches of random sizes (0 and 1 included) and random exit
-patterns through ``Cascade`` and reports the peak memory. Results: a table on stdout, JSON (``--json``) and
-a plot (``--plot``, PNG).
+For each model and profile, images/s measured in interleaved rounds (median) of:
+
+- the backbone alone, and ``ReferenceCascade`` (plain PyTorch) and ``calexnet_fast.Cascade`` per batch;
+- ``Cascade`` streaming (``StreamingCascade``, stage batch = batch size) over ``--stream-batches`` copies of
+  the batch: every stage runs on full batches, survivors re-batched across input batches;
+- with ``--compile``: the ``torch.compile``d backbone and compiled streaming stages (compiled vs compiled).
+
+All run in the same form: with ``--fold`` (default) BatchNorm is folded into the convolutions of the frozen
+stages (``fold_batchnorm``) for the backbone and the cascades alike. Against them, two ideals: the
+FLOPs-ideal 1 / (1 - r) and the time-ideal, from each stage's and each head's measured time at a full
+batch weighted by the fraction of samples reaching it (what the cascade would reach if nothing cost more
+on fewer rows and nothing else cost anything), and achieved / ideal for both modes. Then the kernel
+micro-benchmarks (bench/compact.py, scatter_rows.py, exit_decision.py, proto_head.py) in quick mode.
+``--soak N`` also runs N consecutive batches of random sizes (0 and 1 included) and random exit patterns
+through ``Cascade`` and reports the peak memory. Results: a table on stdout, JSON (``--json``) and a plot
+(``--plot``, PNG). CPU runs use 2 threads unless ``--threads`` says otherwise.
 """
 
 from __future__ import annotations
@@ -30,14 +41,18 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compact as compact_bench  # noqa: E402
-import heads as heads_bench  # noqa: E402
-from common import environment, interleaved_medians, write_json  # noqa: E402
+import exit_decision as exit_decision_bench  # noqa: E402
+import proto_head as proto_head_bench  # noqa: E402
+import scatter_rows as scatter_rows_bench  # noqa: E402
+from common import write_json  # noqa: E402
 
 from calexnet_fast import Cascade, ReferenceCascade, backbones  # noqa: E402
+from calexnet_fast.backbones import fold_batchnorm  # noqa: E402
+from calexnet_fast.cascades import StreamingCascade  # noqa: E402
+from calexnet_fast.evaluation.measure_session import DTYPES  # noqa: E402
+from calexnet_fast.evaluation.timing import environment, interleaved_medians  # noqa: E402
 from calexnet_fast.flops import exit_histogram, flops_reduction, profile_flops  # noqa: E402
 from calexnet_fast.heads import PrototypePoolingHead  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build(model: str, resolution: int, n_classes: int, seed: int) -> tuple[ReferenceCascade, object]:
@@ -82,7 +97,7 @@ def profile_thresholds(ref: ReferenceCascade, profile, x: torch.Tensor, target: 
     backbone_logits = sim.backbone_logits.float().cpu()
     lo, hi = 0.0, 1.0
     thr = torch.full((k, ref.n_classes), float("inf"))
-    from calexnet_fast.cascade import apply_exit_rule
+    from calexnet_fast.exit_rule import apply_exit_rule
 
     for _ in range(30):
         q = (lo + hi) / 2
@@ -95,16 +110,45 @@ def profile_thresholds(ref: ReferenceCascade, profile, x: torch.Tensor, target: 
     return thr
 
 
+def stage_times(fast: Cascade, x: torch.Tensor, device: torch.device, repeats: int) -> tuple[list, list]:
+    """Seconds of each stage, and of each branch (head + exit decision), on a full batch of its input."""
+    fns, h = {}, x
+    with torch.inference_mode():
+        for k, stage in enumerate(fast.stages):
+            fns[f"stage{k}"] = lambda stage=stage, h=h: stage(h)
+            h = stage(h)
+            if k < fast.n_branches:
+                fns[f"head{k}"] = lambda k=k, h=h: fast._head_exit(k, h)
+        times = interleaved_medians(fns, device, repeats)
+    stages = [times[f"stage{k}"] for k in range(fast.n_branches + 1)]
+    return stages, [times[f"head{k}"] for k in range(fast.n_branches)]
+
+
+def time_ideal(stage_s: list[float], head_s: list[float], reach: list[float]) -> float:
+    """The speedup if every stage and head ran at its full-batch cost per image, on the samples reaching it."""
+    cascade = sum(f * (s + (head_s[k] if k < len(head_s) else 0.0)) for k, (f, s) in enumerate(zip(reach, stage_s)))
+    return sum(stage_s) / cascade
+
+
 def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
     ref, profile = build(model, args.resolution, args.classes, seed=0)
     ref = ref.to(device=device, dtype=dtype)
+    if args.channels_last:
+        ref = ref.to(memory_format=torch.channels_last)
+    if args.fold:
+        ref = fold_batchnorm(ref)  # the inference form, for the backbone and the cascades alike
     fast = Cascade.from_reference(ref)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, 3, args.resolution, args.resolution, generator=gen).to(device, dtype)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-        ref.to(memory_format=torch.channels_last)
     backbone = torch.nn.Sequential(*ref.stages)
+    stream = [x] * args.stream_batches
+    streaming = StreamingCascade(fast, stage_batch=args.batch_size)
+    if args.compile:
+        backbone_compiled = torch.compile(backbone, dynamic=False)
+        streaming_compiled = StreamingCascade(fast, stage_batch=args.batch_size, compile=True)
+    stage_s, head_s = stage_times(fast, x, device, args.repeats)
     rows = []
     for target in tqdm(args.profiles, desc=f"{model} profiles", disable=None):
         thr = profile_thresholds(ref, profile, x, target)
@@ -112,30 +156,46 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
         fast.set_thresholds(thr)
         with torch.inference_mode():
             out = fast(x)
-            expect = ref(x)
-            agree = bool(torch.equal(out.exit_index, expect.exit_index))
-            r = flops_reduction(profile, exit_histogram(out.exit_index.cpu(), ref.n_branches))
-            times = interleaved_medians(
-                {"backbone": lambda: backbone(x), "reference": lambda: ref(x), "cascade": lambda: fast(x)},
-                device,
-                args.repeats,
-            )
-        ips = {name: args.batch_size / t for name, t in times.items()}
-        ideal = 1.0 / (1.0 - r)
-        speedup = ips["cascade"] / ips["backbone"]
+            agree = bool(torch.equal(out.exit_index, ref(x).exit_index))
+            streamed = list(streaming.stream(stream))
+            agree_streaming = all(torch.equal(o.exit_index, out.exit_index) for o in streamed)
+            fns = {
+                "backbone": lambda: backbone(x),
+                "reference": lambda: ref(x),
+                "cascade": lambda: fast(x),
+                "streaming": lambda: list(streaming.stream(stream)),
+            }
+            if args.compile:
+                fns["backbone_compiled"] = lambda: backbone_compiled(x)
+                fns["streaming_compiled"] = lambda: list(streaming_compiled.stream(stream))
+            times = interleaved_medians(fns, device, args.repeats)
+        exits = out.exit_index.cpu()
+        histogram = exit_histogram(exits, ref.n_branches)
+        r = flops_reduction(profile, histogram)
+        per_batch = {n: t / (args.stream_batches if n.startswith("streaming") else 1) for n, t in times.items()}
+        ips = {n: args.batch_size / t for n, t in per_batch.items()}
+        reach = [float((exits > k).float().mean()) for k in range(ref.n_branches + 1)]
+        ideal = {"flops": 1.0 / (1.0 - r), "time": time_ideal(stage_s, head_s, reach)}
+        speedup = {n: ips[n] / ips["backbone"] for n in ("reference", "cascade", "streaming")}
+        if args.compile:
+            speedup["compiled"] = ips["streaming_compiled"] / ips["backbone_compiled"]
         rows.append(
             {
                 "model": model,
                 "target_reduction": target,
                 "flops_reduction": r,
-                "exit_histogram": exit_histogram(out.exit_index.cpu(), ref.n_branches).tolist(),
+                "exit_histogram": histogram.tolist(),
                 "images_per_s": ips,
-                "speedup_cascade": speedup,
-                "speedup_reference": ips["reference"] / ips["backbone"],
-                "cascade_vs_reference": ips["cascade"] / ips["reference"],
+                "speedup": speedup,
                 "ideal_speedup": ideal,
-                "achieved_over_ideal": speedup / ideal,
+                "achieved_over_ideal": {
+                    f"{mode}_over_{kind}": speedup[mode] / value
+                    for mode in ("cascade", "streaming")
+                    for kind, value in ideal.items()
+                },
+                "cascade_vs_reference": ips["cascade"] / ips["reference"],
                 "exits_agree_with_reference": agree,
+                "streaming_agrees_with_cascade": agree_streaming,
             }
         )
     return rows
@@ -178,18 +238,43 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, model in zip(axes[0], models):
         mr = [r for r in rows if r["model"] == model]
         red = [100 * r["flops_reduction"] for r in mr]
-        ax.plot(red, [r["ideal_speedup"] for r in mr], "k--", label="ideal 1/(1-r)")
-        ax.plot(red, [r["speedup_cascade"] for r in mr], "o-", label="Cascade")
-        ax.plot(red, [r["speedup_reference"] for r in mr], "s-", label="ReferenceCascade")
+        ax.plot(red, [r["ideal_speedup"]["flops"] for r in mr], "k--", label="FLOPs-ideal 1/(1-r)")
+        ax.plot(red, [r["ideal_speedup"]["time"] for r in mr], "k:", label="time-ideal (full-batch stage times)")
+        ax.plot(red, [r["speedup"]["streaming"] for r in mr], "o-", label="Cascade, streaming")
+        ax.plot(red, [r["speedup"]["cascade"] for r in mr], "^-", label="Cascade, per batch")
+        ax.plot(red, [r["speedup"]["reference"] for r in mr], "s-", label="ReferenceCascade")
+        if "compiled" in mr[0]["speedup"]:
+            ax.plot(red, [r["speedup"]["compiled"] for r in mr], "d-", label="compiled streaming / compiled backbone")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("FLOPs reduction (%)")
         ax.set_ylabel("throughput / backbone")
         ax.set_title(model)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def table(rows: list[dict]) -> None:
+    compiled = "compiled" in rows[0]["speedup"]
+    head = ["model", "FLOPs red.", "backbone", "reference", "per batch", "streaming", "x batch", "x stream"]
+    head += ["FLOPs-ideal", "time-ideal", "stream/time-ideal", "stream/FLOPs-ideal"]
+    head += ["x compiled"] * compiled + ["exits ok"]
+    print(" | ".join(head))
+    for r in rows:
+        ips, sp, ideal, ach = r["images_per_s"], r["speedup"], r["ideal_speedup"], r["achieved_over_ideal"]
+        cells = [r["model"], f"{r['flops_reduction']:.1%}"]
+        cells += [f"{ips[n]:.0f}" for n in ("backbone", "reference", "cascade", "streaming")]
+        cells += [f"{sp['cascade']:.2f}x", f"{sp['streaming']:.2f}x", f"{ideal['flops']:.2f}x", f"{ideal['time']:.2f}x"]
+        cells += [f"{ach['streaming_over_time']:.0%}", f"{ach['streaming_over_flops']:.0%}"]
+        if compiled:
+            cells.append(f"{sp['compiled']:.2f}x")
+        cells += [str(r["exits_agree_with_reference"] and r["streaming_agrees_with_cascade"])]
+        print(" | ".join(cells))
+
+
+KERNEL_BENCHES = (compact_bench, scatter_rows_bench, exit_decision_bench, proto_head_bench)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -216,6 +301,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated target FLOPs reductions (default 0,0.25,0.5,0.7; --quick: 0,0.5)",
     )
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--stream-batches", type=int, default=None, help="input batches per timed stream (default 16; --quick: 4)"
+    )
+    parser.add_argument(
+        "--fold",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="BatchNorm folded into the convolutions, for the backbone and the cascades alike (default on)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the compiled backbone against compiled streaming stages"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2 on CPU)")
     parser.add_argument("--soak", type=int, default=0, help="also run N random batches through Cascade")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
     parser.add_argument("--quick", action="store_true", help="a short run")
@@ -224,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 2)
     args.resolution = args.resolution or (224 if cuda else 32)
     args.batch_size = args.batch_size or (256 if cuda else 64)
     args.classes = args.classes or (10 if args.resolution <= 64 else 1000)
@@ -232,26 +332,18 @@ def main(argv: list[str] | None = None) -> dict:
     models = (args.model or ("resnet18" if args.quick else "resnet18,resnet50")).split(",")
     args.profiles = [float(p) for p in (args.profiles or ("0,0.5" if args.quick else "0,0.25,0.5,0.7")).split(",")]
     args.repeats = args.repeats or (5 if args.quick else (15 if not cuda else 50))
+    args.stream_batches = args.stream_batches or (4 if args.quick else 16)
 
     rows = []
     for model in models:
         rows += bench_model(args, model.strip(), device, dtype)
     print(
         f"\nEnd-to-end, batch {args.batch_size}, {args.resolution}x{args.resolution}, {dtype}, {device}"
-        f"{', channels_last' if args.channels_last else ''}; images/s (median of {args.repeats} interleaved rounds)"
+        f"{', channels_last' if args.channels_last else ''}, {torch.get_num_threads()} threads, stages "
+        f"{'BN-folded' if args.fold else 'as trained'}; images/s (median of {args.repeats} interleaved rounds; "
+        f"streaming: {args.stream_batches} batches per stream, stage batch = batch)"
     )
-    print(
-        f"{'model':>9} {'FLOPs red.':>10} {'backbone':>9} {'reference':>10} {'Cascade':>9} {'speedup':>8} "
-        f"{'ideal':>6} {'ach/ideal':>9} {'vs ref':>7} {'exits==ref':>10}"
-    )
-    for r in rows:
-        ips = r["images_per_s"]
-        print(
-            f"{r['model']:>9} {100 * r['flops_reduction']:>9.1f}% {ips['backbone']:>9.0f} {ips['reference']:>10.0f} "
-            f"{ips['cascade']:>9.0f} {r['speedup_cascade']:>7.2f}x {r['ideal_speedup']:>5.2f}x "
-            f"{100 * r['achieved_over_ideal']:>8.0f}% {r['cascade_vs_reference']:>6.2f}x "
-            f"{str(r['exits_agree_with_reference']):>10}"
-        )
+    table(rows)
     result = {
         "benchmark": "throughput",
         "environment": environment(device),
@@ -262,6 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
             "channels_last": args.channels_last,
             "classes": args.classes,
             "repeats": args.repeats,
+            "stream_batches": args.stream_batches,
+            "fold_batchnorm": args.fold,
+            "compile": args.compile,
         },
         "rows": rows,
     }
@@ -273,9 +368,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if not args.no_kernels:
         print("\nKernel micro-benchmarks")
-        with torch.inference_mode():
-            result["compact"] = compact_bench.main(["--device", args.device, "--quick"])
-        result["heads"] = heads_bench.main(["--device", args.device, "--quick"])
+        for bench in KERNEL_BENCHES:
+            with torch.inference_mode():
+                result[bench.__name__] = bench.main(["--device", args.device, "--quick"])
     if args.plot:
         plot(rows, args.plot)
     write_json(args.json, result)

@@ -1,7 +1,7 @@
 """calexnet_fast: early-exit cascades on frozen CNN backbones that really skip work at batch size > 1."""
 
-from . import ops  # noqa: F401  (loads the C++ op libraries and registers torch.ops.calexnet_fast.*)
-from .cascade import CascadeOutput, ReferenceCascade  # noqa: F401
-from .fast_cascade import Cascade  # noqa: F401
+from . import ops  # loads the C++ op libraries and registers torch.ops.calexnet_fast.*
+from ._version import __version__
+from .cascades import Cascade, CascadeOutput, ReferenceCascade
 
-__version__ = "0.1.0"
+__all__ = ["Cascade", "CascadeOutput", "ReferenceCascade", "__version__", "ops"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import triton_status
 from .ops import library_status
 
 
@@ -26,16 +27,6 @@ class Plan:
     def describe(self) -> str:
         what = f"{self.device}: heads={self.heads}, compaction={self.compaction}"
         return what + "".join(f"\n    - {r}" for r in self.reasons)
-
-
-@functools.cache
-def triton_status() -> tuple[bool, str]:
-    """Whether the Triton kernels can run here, and how (or why not)."""
-    try:
-        from .kernels import triton_status as _kernels_triton_status
-    except ImportError as exc:  # the kernels subpackage itself failed to import
-        return False, f"calexnet_fast.kernels could not be imported: {exc}"
-    return _kernels_triton_status()
 
 
 @functools.cache

@@ -28,7 +28,6 @@ definition of the exit rule shared with the cascades and the training weights.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .exit_rule import exit_decision_reference
+from .io import load_state_file, save_state_file
 
 __all__ = [
     "CalibrationSweep",
@@ -55,6 +55,45 @@ BAR_SOURCES = ("subset", "full_validation")
 _PREC_EPS = 1e-12
 
 
+def _check_classes(t: torch.Tensor, name: str, n_classes: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``t`` holds integer class indices (in ``[0, n_classes)`` when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected an integer tensor of class indices, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name}: expected an integer tensor of class indices, got dtype {t.dtype}")
+    if n_classes is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_classes):
+        raise ValueError(f"{name}: expected values in [0, {n_classes - 1}], got [{int(t.min())}, {int(t.max())}]")
+
+
+def _check_mask(mask: torch.Tensor, n: int, rows: int | None = None) -> torch.Tensor:
+    """``mask`` as a [1 or M, N] bool CPU tensor; [N] is one subset. ``rows``: the allowed M besides 1."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask: expected a bool tensor (True = in the subset), got {got}")
+    if mask.dim() == 1 and mask.shape[0] == n:
+        return mask.cpu().unsqueeze(0)
+    if mask.dim() == 2 and mask.shape[1] == n and (rows is None or mask.shape[0] in (1, rows)):
+        return mask.cpu()
+    expected = f"[{n}] or [M, {n}]" if rows is None else f"[{n}] or [{rows}, {n}]"
+    raise ValueError(f"mask: expected shape {expected} (one row per subset), got {list(mask.shape)}")
+
+
+def _check_margins(margins: float | Sequence[float] | torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``margins`` as a float64 [M] CPU tensor, and whether a single number was given."""
+    expected = "margins: expected a float or a 1-D sequence of floats"
+    if margins is None or isinstance(margins, (str, bytes)):
+        raise ValueError(f"{expected}, got {type(margins).__name__}")
+    try:
+        m = torch.as_tensor(margins, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{expected}, got {type(margins).__name__}") from None
+    if m.dim() > 1:
+        raise ValueError(f"{expected}, got shape {list(m.shape)}")
+    if torch.isnan(m).any():
+        raise ValueError("margins: expected finite numbers, got NaN")
+    return m.reshape(-1), m.dim() == 0
+
+
 def margin_grid(start: float = 0.0, stop: float = 0.5, num: int = 51) -> torch.Tensor:
     """Evenly spaced margins ``start..stop`` inclusive, float64 [num]."""
     if num < 1:
@@ -71,14 +110,20 @@ def backbone_precision(
         backbone_pred: [N] int64 backbone predictions.
         labels: [N] int64 true labels.
         n_classes: C.
-        mask: optional [M, N] bool, one subset per row (e.g. the survivors under M margins).
+        mask: optional [M, N] bool, one subset per row (e.g. the survivors under M margins); [N]: one subset.
 
     Returns:
         precision: [M, C] float64 (M = 1 without a mask); NaN where the backbone predicts c on no sample.
         accuracy: [M] float64; NaN for an empty subset.
     """
+    _check_classes(backbone_pred, "backbone_pred", n_classes)
+    _check_classes(labels, "labels")
+    if backbone_pred.dim() != 1 or labels.shape != backbone_pred.shape:
+        raise ValueError(
+            f"backbone_pred, labels: expected two [N] tensors, got {list(backbone_pred.shape)}, {list(labels.shape)}"
+        )
     n = backbone_pred.shape[0]
-    w = torch.ones(1, n, dtype=torch.float64) if mask is None else mask.to(torch.float64)
+    w = torch.ones(1, n, dtype=torch.float64) if mask is None else _check_mask(mask, n).to(torch.float64)
     correct = (backbone_pred == labels).to(torch.float64)
     den = torch.zeros(w.shape[0], n_classes, dtype=torch.float64).index_add_(1, backbone_pred, w)
     num = torch.zeros(w.shape[0], n_classes, dtype=torch.float64).index_add_(1, backbone_pred, w * correct)
@@ -98,7 +143,7 @@ def bars_from_precision(
     Args:
         precision: [M, C] or [1, C] float64 backbone precision (NaN = undefined).
         accuracy: [M] or [1] float64 backbone accuracy on the same subsets.
-        margins: [M] float64.
+        margins: [M] margins (a float is one margin).
         margin_mode: ``"additive"`` or ``"relative"``.
 
     Returns:
@@ -107,7 +152,7 @@ def bars_from_precision(
     if margin_mode not in MARGIN_MODES:
         raise ValueError(f"margin_mode: expected one of {MARGIN_MODES}, got {margin_mode!r}")
     pr = torch.where(torch.isnan(precision), accuracy.unsqueeze(1), precision)
-    m = margins.to(torch.float64).unsqueeze(1)
+    m = _check_margins(margins)[0].unsqueeze(1)
     pr = pr.expand(m.shape[0], -1)
     return pr - m if margin_mode == "additive" else (1.0 - m) * pr
 
@@ -125,14 +170,14 @@ def cpm_thresholds(
 
     Args:
         conf: [N] branch confidence (max softmax probability).
-        pred: [N] int64 branch prediction.
+        pred: [N] int64 branch prediction, in ``[0, C)``.
         labels: [N] int64 true labels.
         bars: [C] or [M, C] precision bars.
         min_support: minimum number of calibration samples in {conf ≥ τ} (predicted as c).
         mask: optional [N] or [M, N] bool: which samples belong to each calibration set.
 
     Returns:
-        [C] or [M, C] float32 thresholds (``+inf``: the class cannot reach its bar).
+        [C] or [M, C] float32 thresholds (``+inf``: the class cannot reach its bar; all ``+inf`` for N = 0).
     """
     if min_support < 1:
         raise ValueError(f"min_support: expected a positive integer, got {min_support}")
@@ -141,16 +186,18 @@ def cpm_thresholds(
             f"conf, pred, labels: expected three [N] tensors, got {list(conf.shape)}, {list(pred.shape)}, "
             f"{list(labels.shape)}"
         )
+    if not conf.is_floating_point():
+        raise ValueError(f"conf: expected a floating tensor (confidences), got dtype {conf.dtype}")
+    if not isinstance(bars, torch.Tensor) or bars.dim() not in (1, 2) or not bars.is_floating_point():
+        got = f"{list(bars.shape)} {bars.dtype}" if isinstance(bars, torch.Tensor) else type(bars).__name__
+        raise ValueError(f"bars: expected a floating tensor [C] or [M, C], got {got}")
     squeeze = bars.dim() == 1
     bars2 = bars.to(torch.float64).reshape(-1, bars.shape[-1])
     m_count, n_classes = bars2.shape
+    _check_classes(pred, "pred", n_classes)
+    _check_classes(labels, "labels")
     n = conf.shape[0]
-    if mask is None:
-        alive = torch.ones(1, n, dtype=torch.bool)
-    else:
-        alive = mask.reshape(-1, n).to(torch.bool)
-        if alive.shape[0] not in (1, m_count):
-            raise ValueError(f"mask: expected [N] or [{m_count}, N], got {list(mask.shape)}")
+    alive = torch.ones(1, n, dtype=torch.bool) if mask is None else _check_mask(mask, n, m_count)
     alive = alive.expand(m_count, n)
     out = torch.full((m_count, n_classes), float("inf"), dtype=torch.float32)
     if n == 0:
@@ -208,10 +255,9 @@ def _check_inputs(branch_logits, backbone_logits, labels) -> tuple[list[torch.Te
     for k, z in enumerate(branch_logits):
         if z.shape != (n, c):
             raise ValueError(f"branch_logits[{k}]: expected [{n}, {c}] like backbone_logits, got {list(z.shape)}")
+    _check_classes(labels, "labels", c)
     if labels.shape != (n,):
         raise ValueError(f"labels: expected [{n}], got {list(labels.shape)}")
-    if n and (labels.min() < 0 or labels.max() >= c):
-        raise ValueError(f"labels: expected values in [0, {c - 1}], got [{int(labels.min())}, {int(labels.max())}]")
     return branch_logits, n, c
 
 
@@ -231,7 +277,7 @@ def calibrate(
     Args:
         branch_logits: K tensors [N, C] (or one [K, N, C]): every branch's logits on the validation set.
         backbone_logits: [N, C] the backbone's logits on the same samples.
-        labels: [N] int64 true labels.
+        labels: [N] integer true labels in ``[0, C)``.
         margins: one margin (float) or M margins.
         aligned: calibrate branch k on the survivors of branches 1..k-1 (CalexNet) or on all samples.
         margin_mode: ``"additive"`` (bar ``Pr_c - m``) or ``"relative"`` (bar ``(1 - m) Pr_c``).
@@ -239,18 +285,15 @@ def calibrate(
         bar_from: ``"subset"`` (Pr_c on the branch's calibration set) or ``"full_validation"``.
 
     Returns:
-        [K, C] float32 thresholds for a float margin, [M, K, C] for a sequence (on CPU).
+        [K, C] float32 thresholds for a float margin, [M, K, C] for a sequence (on CPU); all ``+inf`` when
+        there are no samples (N = 0).
     """
     if bar_from not in BAR_SOURCES:
         raise ValueError(f"bar_from: expected one of {BAR_SOURCES}, got {bar_from!r}")
     if margin_mode not in MARGIN_MODES:
         raise ValueError(f"margin_mode: expected one of {MARGIN_MODES}, got {margin_mode!r}")
     branch_logits, n, c = _check_inputs(branch_logits, backbone_logits, labels)
-    m = torch.as_tensor(margins, dtype=torch.float64).cpu()
-    scalar = m.dim() == 0
-    m = m.reshape(-1)
-    if torch.isnan(m).any():
-        raise ValueError("margins: expected finite numbers, got NaN")
+    m, scalar = _check_margins(margins)
     labels = labels.detach().long().cpu()
     bb_pred = torch.argmax(backbone_logits.detach().float().cpu(), dim=1)
 
@@ -294,34 +337,24 @@ class CalibrationSweep:
         """[K, C] thresholds of the i-th margin."""
         return self.thresholds[i]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``path`` (.safetensors) and the config next to it (.json)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": json.dumps(self.config)}
-        save_file(
-            {"margins": self.margins.contiguous(), "thresholds": self.thresholds.contiguous()},
-            str(path),
-            meta,
-        )
-        path.with_suffix(".json").write_text(
-            json.dumps({"margins": self.margins.tolist(), **self.config}, indent=2) + "\n"
+    def save(self, path: str | os.PathLike) -> str:
+        """Write ``path`` (.safetensors) and the config next to it (.json); returns the file's SHA-256."""
+        return save_state_file(
+            path,
+            {"margins": self.margins, "thresholds": self.thresholds},
+            self.config,
+            twin={"margins": self.margins.tolist(), **self.config},
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationSweep:
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"thresholds file {path} does not exist (run `calexnet calibrate` first)")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                margins, thresholds = f.get_tensor("margins"), f.get_tensor("thresholds")
-        except Exception as e:  # noqa: BLE001
+            tensors, config = load_state_file(path)
+            margins, thresholds = tensors["margins"], tensors["thresholds"]
+        except (RuntimeError, KeyError) as e:
             raise RuntimeError(
                 f"thresholds file {path}: not a readable safetensors file with margins/thresholds ({e})"
             ) from e
@@ -330,7 +363,7 @@ class CalibrationSweep:
                 f"thresholds file {path}: expected margins [M] and thresholds [M, K, C], got "
                 f"{list(margins.shape)} and {list(thresholds.shape)}"
             )
-        return cls(margins, thresholds, json.loads(meta.get("config", "{}")))
+        return cls(margins, thresholds, config)
 
 
 def calibrate_sweep(
@@ -345,7 +378,7 @@ def calibrate_sweep(
     bar_from: str = "subset",
 ) -> CalibrationSweep:
     """:func:`calibrate` over a grid of margins (default :func:`margin_grid`), packaged with its settings."""
-    m = margin_grid() if margins is None else torch.as_tensor(margins, dtype=torch.float64).reshape(-1)
+    m = margin_grid() if margins is None else _check_margins(margins)[0]
     thr = calibrate(
         branch_logits,
         backbone_logits,

@@ -188,9 +188,7 @@ def profile_flops(
     input_size: int | tuple[int, int] | None = None,
 ) -> FlopsProfile:
     """Count every segment and head of a cascade (per sample) at ``input_size`` (default the backbone's)."""
-    return FlopsProfile(
-        tuple(segment_flops(backbone, input_size)), tuple(head_flops(heads, backbone, input_size))
-    )
+    return FlopsProfile(tuple(segment_flops(backbone, input_size)), tuple(head_flops(heads, backbone, input_size)))
 
 
 def exit_histogram(exit_index: torch.Tensor, n_branches: int) -> torch.Tensor:

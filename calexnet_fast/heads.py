@@ -10,72 +10,46 @@
    ``[max (K), mean (K), avg u (D)]``;
 5. a linear classifier -> logits.
 
-Cosine convention: ``F.normalize(u, dim=channel, eps=1e-8) . F.normalize(P, dim=1, eps=1e-8)``, i.e. each
-vector is divided by ``max(||v||, 1e-8)`` (a zero projection gives similarity 0, never NaN).
+Cosine convention: ``F.normalize(u, dim=channel, eps) . F.normalize(P, dim=1, eps)``, i.e. each vector is
+divided by ``max(||v||, eps)`` with ``eps = 1e-8`` (float16: its smallest normal number, see
+``calexnet_fast.reference.cosine_eps``), so a zero projection gives similarity 0, never NaN.
 
 ``PrototypePoolingHead.fold()`` returns a ``FoldedPrototypeHead``: BN folded into the projection, prototypes
-normalised and multiplied by gamma. Its forward is the plain-PyTorch reference twin of the fused Triton kernel
-``calexnet_fast.kernels.proto_head_exit`` (which consumes exactly its buffers).
+normalised and multiplied by gamma. Its forward is ``calexnet_fast.reference.folded_head_reference``; its
+buffers (``FoldedPrototypeHead.operands()``) are what the fused Triton kernel
+``calexnet_fast.kernels.proto_head_exit`` takes.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-COSINE_EPS = 1e-8
+from .reference import COSINE_EPS, cosine_eps, folded_head_reference
 
 
-def _check_features(features: torch.Tensor, in_channels: int, name: str = "features") -> None:
+def _check_features(features: torch.Tensor, in_channels: int, device: torch.device) -> None:
     if not isinstance(features, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor [N, C, H, W], got {type(features).__name__}")
+        raise ValueError(f"features: expected a torch.Tensor [N, C, H, W], got {type(features).__name__}")
     if features.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D tensor [N, C, H, W], got shape {list(features.shape)}")
+        raise ValueError(f"features: expected a 4-D tensor [N, C, H, W], got shape {list(features.shape)}")
     if features.shape[1] != in_channels:
         raise ValueError(
-            f"{name}: expected {in_channels} channels (dim 1), got {features.shape[1]} "
-            f"(shape {list(features.shape)})"
+            f"features: expected {in_channels} channels (dim 1), got {features.shape[1]} (shape {list(features.shape)})"
         )
     if features.shape[2] == 0 or features.shape[3] == 0:
-        raise ValueError(f"{name}: expected a non-empty spatial size H x W, got shape {list(features.shape)}")
+        raise ValueError(f"features: expected a non-empty spatial size H x W, got shape {list(features.shape)}")
     if not features.is_floating_point():
-        raise ValueError(f"{name}: expected a floating dtype, got {features.dtype}")
+        raise ValueError(f"features: expected a floating dtype, got {features.dtype}")
+    if features.device != device:
+        raise ValueError(f"features: expected device {device} (that of the head's weights), got {features.device}")
 
 
-def folded_head_reference(
-    features: torch.Tensor,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor,
-    prototypes: torch.Tensor,
-    cls_weight: torch.Tensor,
-    cls_bias: torch.Tensor,
-    eps: float = COSINE_EPS,
-) -> torch.Tensor:
-    """Logits of the folded head, in plain PyTorch, computed in the dtype of ``features``.
-
-    The buffers are cast to ``features.dtype``; pass ``features.float()`` (or ``.double()``) for a higher
-    precision result.
-
-    Args:
-        features: [N, C, H, W] feature map (any memory format).
-        proj_weight: [D, C] projection with BN folded in.
-        proj_bias: [D] projection bias.
-        prototypes: [K, D] prototypes, already normalised and multiplied by gamma.
-        cls_weight: [n_classes, 2K + D] classifier weight over ``[max s, mean s, avg u]``.
-        cls_bias: [n_classes] classifier bias.
-
-    Returns:
-        [N, n_classes] logits in ``features.dtype``.
-    """
-    dt = features.dtype
-    n, c, h, w = features.shape
-    x = features.reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
-    u = torch.relu(torch.matmul(x, proj_weight.to(dt).t()) + proj_bias.to(dt))  # [N, HW, D]
-    norm = torch.linalg.vector_norm(u, dim=2, keepdim=True).clamp_min(eps)
-    s = torch.matmul(u, prototypes.to(dt).t()) / norm  # [N, HW, K]
-    feats = torch.cat([s.amax(dim=1), s.mean(dim=1), u.mean(dim=1)], dim=1)  # [N, 2K + D]
-    return F.linear(feats, cls_weight.to(dt), cls_bias.to(dt))
+# FoldedPrototypeHead.operands: {head: {dtypes: (buffer versions, cast buffers)}}, dropped with the head.
+_operand_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class FoldedPrototypeHead(nn.Module):
@@ -135,9 +109,32 @@ class FoldedPrototypeHead(nn.Module):
     def n_classes(self) -> int:
         return self.cls_weight.shape[0]
 
+    def operands(self, dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        """The buffers in the fused kernel's argument order ``(proj_weight, proj_bias, prototypes, cls_weight,
+        cls_bias)``.
+
+        Args:
+            dtypes: five dtypes, one per buffer (for example
+                ``calexnet_fast.kernels.proto_head_operand_dtypes(features.dtype)``): the buffers are returned
+                cast to them and contiguous, computed once per head and ``dtypes`` and recomputed whenever a
+                buffer is replaced or modified in place. ``None``: the buffers themselves.
+        """
+        bufs = (self.proj_weight, self.proj_bias, self.prototypes, self.cls_weight, self.cls_bias)
+        if dtypes is None:
+            return bufs
+        if len(dtypes) != len(bufs):
+            raise ValueError(f"dtypes: expected {len(bufs)} dtypes (one per buffer), got {len(dtypes)}")
+        key = tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+        cache = _operand_cache.setdefault(self, {})
+        hit = cache.get(tuple(dtypes))
+        if hit is None or hit[0] != key:
+            hit = (key, tuple(b.to(d).contiguous() for b, d in zip(bufs, dtypes, strict=True)))
+            cache[tuple(dtypes)] = hit
+        return hit[1]
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
-            _check_features(features, self.in_channels)
+            _check_features(features, self.in_channels, self.proj_weight.device)
         return folded_head_reference(
             features, self.proj_weight, self.proj_bias, self.prototypes, self.cls_weight, self.cls_bias
         )
@@ -197,10 +194,10 @@ class PrototypePoolingHead(nn.Module):
     def pooled_features(self, features: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, 2K + D] pooled features ``[max s (K), mean s (K), avg u (D)]``."""
         if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
-            _check_features(features, self.in_channels)
+            _check_features(features, self.in_channels, self.proj.weight.device)
         u = torch.relu(self.bn(self.proj(features)))  # [N, D, H, W]
-        un = F.normalize(u, dim=1, eps=self.eps)
-        pn = F.normalize(self.prototypes, dim=1, eps=self.eps)
+        un = F.normalize(u, dim=1, eps=cosine_eps(u.dtype, self.eps))
+        pn = F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
         s = self.gamma * torch.einsum("ndhw,kd->nkhw", un, pn).flatten(2)  # [N, K, HW]
         return torch.cat([s.amax(dim=2), s.mean(dim=2), u.flatten(2).mean(dim=2)], dim=1)
 
@@ -217,7 +214,7 @@ class PrototypePoolingHead(nn.Module):
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [D]
         w = self.proj.weight.flatten(1) * scale[:, None]  # [D, C]
         b = bn.bias - bn.running_mean * scale
-        p = self.gamma * F.normalize(self.prototypes, dim=1, eps=COSINE_EPS)
+        p = self.gamma * F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
         return FoldedPrototypeHead(w, b, p, self.classifier.weight, self.classifier.bias)
 
     def extra_repr(self) -> str:

@@ -6,8 +6,9 @@ import platform
 
 import torch
 
-from . import __version__
-from .availability import cascade_plan, triton_status
+from ._version import __version__
+from .availability import cascade_plan
+from .kernels import triton_status
 from .ops import library_status
 
 

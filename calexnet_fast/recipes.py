@@ -1,7 +1,8 @@
 """Training recipes for early-exit branches on a frozen backbone (DESIGN.md §1).
 
 A :class:`Recipe` says how branch ``k`` is trained and calibrated; :func:`train_branches` runs it on
-cached branch features (``calexnet_fast.training``), one branch after the other:
+cached branch features (``calexnet_fast.features``, trained with ``calexnet_fast.training``), one branch
+after the other:
 
 1. weights ``w_k`` for the training samples from the already trained branches ``1..k-1`` and their
    thresholds at the training margin ``m_train`` (:func:`survivor_weights`);
@@ -36,19 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import calibrate
+from .distributed import dist_info
 from .exit_rule import exit_decision_reference
+from .features import FeatureCache
 from .heads import PrototypePoolingHead
-from .training import (
-    CachedBatch,
-    CacheSource,
-    FeatureCache,
-    FitConfig,
-    dist_info,
-    fit,
-    load_state_file,
-    predict,
-    save_state_file,
-)
+from .io import load_state_file, save_state_file
+from .training import CachedBatch, CacheSource, FitConfig, fit, predict
 
 __all__ = [
     "RECIPE_NAMES",
@@ -59,10 +53,8 @@ __all__ = [
     "ce_loss",
     "head_logits",
     "kd_loss",
-    "load_heads",
     "make_head",
     "recipe",
-    "save_heads",
     "survivor_weights",
     "train_branches",
 ]
@@ -312,59 +304,6 @@ def head_logits(
         return predict(lambda f: head(f[branch]), cache, branches=[branch], batch_size=batch_size, device=dev)
     finally:
         head.train(was)
-
-
-def save_heads(path: str | os.PathLike, heads: Sequence[nn.Module], config: dict) -> None:
-    """Write K ``PrototypePoolingHead`` s (``heads.{k}.*`` keys) and their config to a safetensors file."""
-    tensors = {}
-    specs = []
-    for k, h in enumerate(heads):
-        for name, v in h.state_dict().items():
-            tensors[f"heads.{k}.{name}"] = v
-        specs.append(
-            {
-                "class": type(h).__name__,
-                "in_channels": getattr(h, "in_channels", None),
-                "n_classes": getattr(h, "n_classes", None),
-                "dim": getattr(h, "dim", None),
-                "n_prototypes": getattr(h, "n_prototypes", None),
-            }
-        )
-    save_state_file(path, tensors, {**config, "heads": specs})
-
-
-def load_heads(
-    path: str | os.PathLike, head_factory: Callable[[int, dict], nn.Module] | None = None
-) -> tuple[nn.ModuleList, dict]:
-    """Read heads written by :func:`save_heads`: (``nn.ModuleList`` in eval mode, config).
-
-    Args:
-        head_factory: ``f(k, spec) -> module`` for heads that are not ``PrototypePoolingHead``.
-
-    Raises:
-        RuntimeError: the file's tensors do not fit the heads its config describes.
-    """
-    tensors, config = load_state_file(path)
-    specs = config.get("heads")
-    if not isinstance(specs, list) or not specs:
-        raise RuntimeError(f"{path}: no 'heads' list in its config; was it written by save_heads?")
-    heads = nn.ModuleList()
-    for k, spec in enumerate(specs):
-        if head_factory is not None:
-            h = head_factory(k, spec)
-        elif spec.get("class") == "PrototypePoolingHead":
-            h = PrototypePoolingHead(
-                spec["in_channels"], spec["n_classes"], dim=spec["dim"], n_prototypes=spec["n_prototypes"]
-            )
-        else:
-            raise RuntimeError(f"{path}: head {k} is a {spec.get('class')!r}; pass head_factory to build it")
-        sd = {n[len(f"heads.{k}.") :]: v for n, v in tensors.items() if n.startswith(f"heads.{k}.")}
-        try:
-            h.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"{path}: head {k} does not fit its stored weights: {e}") from e
-        heads.append(h.eval())
-    return heads, config
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import pickle
 from pathlib import Path
 
@@ -13,17 +13,16 @@ from torch import nn
 
 from calexnet_fast import backbones as B
 from calexnet_fast.flops import segment_flops
-
-DATA = Path(os.environ.get("CALEXNET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-PRETRAINED = DATA / "pretrained" / "akamaster_resnet_cifar10"
-CIFAR_TEST = DATA / "cifar10-jpeg" / "test"
+from calexnet_fast.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
-def needs_pretrained():
-    if not PRETRAINED.is_dir():
-        pytest.skip(
-            f"pretrained CIFAR ResNets not found at {PRETRAINED} (set CALEXNET_DATA to the data folder)"
-        )
+@pytest.fixture
+def data_root(shared_data: Path) -> Path:
+    """The shared data folder, holding ``pretrained/akamaster_resnet_cifar10`` (skips the test if absent)."""
+    pretrained = shared_data / "pretrained" / "akamaster_resnet_cifar10"
+    if not pretrained.is_dir():
+        pytest.skip(f"pretrained CIFAR ResNets not found at {pretrained} (set CALEXNET_DATA to the data folder)")
+    return shared_data
 
 
 def _tv_resnet18_cifar(n_classes=10):
@@ -55,9 +54,7 @@ def test_resnet18_matches_torchvision_and_state_dict_round_trips(stem):
     size = 32 if stem == "cifar" else 64
     bb = B.resnet18(10, stem=stem, input_size=size)
     _randomise_bn(bb)
-    plain = (
-        _tv_resnet18_cifar() if stem == "cifar" else torchvision.models.resnet18(weights=None, num_classes=10)
-    )
+    plain = _tv_resnet18_cifar() if stem == "cifar" else torchvision.models.resnet18(weights=None, num_classes=10)
     # staged -> plain torchvision (strict)
     plain.load_state_dict(bb.source_state_dict(), strict=True)
     plain.eval()
@@ -66,9 +63,7 @@ def test_resnet18_matches_torchvision_and_state_dict_round_trips(stem):
         ref = plain(x)
     torch.testing.assert_close(bb(x), ref, rtol=0, atol=0)
     # plain torchvision -> staged (strict), through both the constructor and load_source_state_dict
-    other = (
-        _tv_resnet18_cifar() if stem == "cifar" else torchvision.models.resnet18(weights=None, num_classes=10)
-    )
+    other = _tv_resnet18_cifar() if stem == "cifar" else torchvision.models.resnet18(weights=None, num_classes=10)
     _randomise_bn(other, seed=1)
     other.eval()
     bb2 = B.resnet18(10, stem=stem, input_size=size, weights=other.state_dict())
@@ -244,7 +239,7 @@ def test_bad_inputs_to_backbone():
 
 def test_normalisation_helpers():
     bb = B.cifar_resnet(20)
-    assert bb.mean == B.IMAGENET_MEAN and bb.std == B.IMAGENET_STD
+    assert bb.mean == IMAGENET_MEAN and bb.std == IMAGENET_STD
     img = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(bb.normalize(img), torch.stack([bb.normalization()(i) for i in img]))
     user = B.from_stages(
@@ -314,9 +309,8 @@ def test_staged_backbone_direct_and_its_checks():
 
 
 @pytest.mark.parametrize("depth", B.CIFAR_RESNET_DEPTHS)
-def test_cifar_resnet_checkpoints_load_strictly(depth):
-    needs_pretrained()
-    path = B.find_pretrained_cifar_checkpoint(depth, DATA)
+def test_cifar_resnet_checkpoints_load_strictly(depth, data_root):
+    path = B.find_pretrained_cifar_checkpoint(depth, data_root)
     bb = B.cifar_resnet(depth, checkpoint=path)
     raw = torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
     src = bb.source_state_dict()
@@ -325,9 +319,8 @@ def test_cifar_resnet_checkpoints_load_strictly(depth):
     assert bb.n_classes == 10 and bb.branch_channels == [16, 32]
 
 
-def test_cifar_checkpoint_mismatch_errors(tmp_path):
-    needs_pretrained()
-    path20 = B.find_pretrained_cifar_checkpoint(20, DATA)
+def test_cifar_checkpoint_mismatch_errors(tmp_path, data_root):
+    path20 = B.find_pretrained_cifar_checkpoint(20, data_root)
     with pytest.raises(RuntimeError, match=r"expected CIFAR ResNet-56 .*looks like ResNet-20") as e:
         B.cifar_resnet(56, checkpoint=path20)
     assert "missing keys [layer1.3." in str(e.value)
@@ -344,7 +337,7 @@ def test_cifar_checkpoint_mismatch_errors(tmp_path):
     with pytest.raises(RuntimeError, match="weights_only=True"):
         B.cifar_resnet(20, checkpoint=tmp_path / "evil.th")
     with pytest.raises(ValueError, match="root: no checkpoint resnet110"):
-        B.find_pretrained_cifar_checkpoint(110, DATA)
+        B.find_pretrained_cifar_checkpoint(110, data_root)
 
 
 class _Marker:
@@ -361,27 +354,25 @@ def test_cifar_resnet_depth_checks():
 
 
 @pytest.mark.slow
-def test_pretrained_resnet56_accuracy_on_cifar10_jpeg():
+def test_pretrained_resnet56_accuracy_on_cifar10_jpeg(data_root):
     """Pretrained ResNet-56 on the JPEG CIFAR-10 test split: about 81-83 % (83.2 % on all 10,000).
 
     Uses the first 200 images of each class (2,000 in all, ~10 s on 2 cores; the full split takes ~45 s
     of inference there), which gave 83.15 %; the binomial standard error at n = 2,000 is ~0.8 points.
     """
-    needs_pretrained()
-    if not CIFAR_TEST.is_dir():
-        pytest.skip(
-            f"CIFAR-10 JPEG test split not found at {CIFAR_TEST} (set CALEXNET_DATA to the data folder)"
-        )
+    cifar_test = data_root / "cifar10-jpeg" / "test"
+    if not cifar_test.is_dir():
+        pytest.skip(f"CIFAR-10 JPEG test split not found at {cifar_test} (set CALEXNET_DATA to the data folder)")
     from PIL import Image
     from torchvision import transforms as T
 
-    bb = B.cifar_resnet(56, checkpoint=B.find_pretrained_cifar_checkpoint(56, DATA))
+    bb = B.cifar_resnet(56, checkpoint=B.find_pretrained_cifar_checkpoint(56, data_root))
     tf = T.Compose([T.ToTensor(), T.Normalize(bb.mean, bb.std)])
-    classes = sorted(p.name for p in CIFAR_TEST.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in cifar_test.iterdir() if p.is_dir())
     assert len(classes) == 10
     xs, ys = [], []
     for label, name in enumerate(classes):
-        for f in sorted((CIFAR_TEST / name).glob("*.jpg"))[:200]:
+        for f in sorted((cifar_test / name).glob("*.jpg"))[:200]:
             with Image.open(f) as im:
                 xs.append(tf(im.convert("RGB")))
             ys.append(label)
@@ -392,3 +383,36 @@ def test_pretrained_resnet56_accuracy_on_cifar10_jpeg():
             correct += int((bb(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum())
     acc = correct / len(x)
     assert 0.80 <= acc <= 0.86, f"ResNet-56 accuracy {acc:.4f} on {len(x)} JPEG test images"
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbones by name (what run directories store)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_backbone_spec_round_trip_build_and_trainable_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    assert B.cifar_depth("cifar_resnet56") == 56 and B.cifar_depth("resnet18") is None
+    spec = B.BackboneSpec(arch="cifar_resnet20", n_branches=2)
+    assert B.BackboneSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    bb = B.build_backbone(spec)
+    assert bb.name == "cifar_resnet20" and bb.n_branches == 2 and bb.mean == IMAGENET_MEAN
+    # a network from trainable_backbone, once trained and saved, is what build_backbone loads as checkpoint
+    torch.manual_seed(0)
+    net = B.trainable_backbone("resnet18", 10, "cifar")
+    _randomise_bn(net)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    staged = B.build_backbone(
+        B.BackboneSpec(arch="resnet18", checkpoint=str(tmp_path / "w.safetensors"), branch_points=["layer2"])
+    )
+    assert staged.input_size == (32, 32) and staged.branch_points == ["layer2"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(staged(x), net.eval()(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"arch: expected one of \['resnet18', 'resnet50'\] or cifar_resnet<depth>"):
+        B.BackboneSpec(arch="vgg16")
+    with pytest.raises(ValueError, match="give one or the other"):
+        B.BackboneSpec(branch_points=["layer1"], n_branches=2)
+    with pytest.raises(ValueError, match="arch: expected one of"):
+        B.trainable_backbone("resnet34", 10)

@@ -19,9 +19,10 @@ from calexnet_fast.baselines import (
     PTEEnetExit,
     boosted_predictions,
     cumulative_eenet,
-    global_threshold_exit,
 )
-from calexnet_fast.training import CachedBatch, FeatureCache, FitConfig
+from calexnet_fast.exit_rule import global_threshold_exit
+from calexnet_fast.features import FeatureCache
+from calexnet_fast.training import CachedBatch, FitConfig
 
 NAN = float("nan")
 

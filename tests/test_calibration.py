@@ -220,3 +220,78 @@ def test_shapes_and_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="bad.safetensors"):
         CalibrationSweep.load(tmp_path / "bad.safetensors")
+
+
+def test_refuses_float_labels_float_masks_and_flat_masks():
+    branches, bb, y = make_problem(n=60, c=3, k=2)
+    g = torch.Generator().manual_seed(4)
+    conf, pred = torch.rand(60, generator=g), torch.randint(0, 3, (60,), generator=g)
+    bars = torch.zeros(2, 3)
+    with pytest.raises(
+        ValueError, match="labels: expected an integer tensor of class indices, got dtype torch.float32"
+    ):
+        calibrate(branches, bb, y.float() + 0.5, 0.1)  # 2.5 would have been truncated to 2
+    with pytest.raises(ValueError, match="labels: expected an integer tensor .*torch.float64"):
+        cpm_thresholds(conf, pred, y.double(), bars)
+    with pytest.raises(ValueError, match="labels: expected an integer tensor .*torch.bool"):
+        backbone_precision(pred, y > 0, 3)
+    with pytest.raises(
+        ValueError, match=r"mask: expected a bool tensor \(True = in the subset\), got dtype torch.float32"
+    ):
+        cpm_thresholds(conf, pred, y, bars, mask=torch.ones(2, 60))  # nonzero would have meant True
+    with pytest.raises(ValueError, match="mask: expected a bool tensor .*torch.int64"):
+        backbone_precision(pred, y, 3, torch.ones(2, 60, dtype=torch.long))
+    with pytest.raises(
+        ValueError, match=r"mask: expected shape \[60\] or \[2, 60\] \(one row per subset\), got \[120\]"
+    ):
+        cpm_thresholds(conf, pred, y, bars, mask=torch.ones(120, dtype=torch.bool))  # would have been reshaped
+    with pytest.raises(ValueError, match=r"mask: expected shape \[60\] or \[M, 60\] .*got \[120\]"):
+        backbone_precision(pred, y, 3, torch.ones(120, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask: expected shape \[60\] or \[2, 60\] .*got \[3, 60\]"):
+        cpm_thresholds(conf, pred, y, bars, mask=torch.ones(3, 60, dtype=torch.bool))
+    # the accepted forms still agree: [N] is one subset for every bar
+    mask = torch.rand(60, generator=torch.Generator().manual_seed(0)) < 0.7
+    torch.testing.assert_close(
+        cpm_thresholds(conf, pred, y, bars, mask=mask, min_support=2),
+        cpm_thresholds(conf, pred, y, bars, mask=mask.expand(2, 60), min_support=2),
+    )
+
+
+def test_zero_samples_give_never_exit():
+    branches, bb, y = torch.zeros(2, 0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    for aligned in (True, False):
+        for bar_from in ("subset", "full_validation"):
+            thr = calibrate(branches, bb, y, [0.0, 0.1], aligned=aligned, bar_from=bar_from)
+            assert thr.shape == (2, 2, 4) and bool(torch.isinf(thr).all())
+        assert calibrate(branches, bb, y, 0.1, aligned=aligned).shape == (2, 4)
+    empty = torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    got = cpm_thresholds(*empty, torch.zeros(3, 4), mask=torch.zeros(3, 0, dtype=torch.bool))
+    assert got.shape == (3, 4) and bool(torch.isinf(got).all())
+    got = cpm_thresholds(*empty, torch.zeros(4), mask=torch.zeros(0, dtype=torch.bool))
+    assert got.shape == (4,) and bool(torch.isinf(got).all())
+
+
+def test_bad_margins_and_predictions_are_named():
+    branches, bb, y = make_problem(n=60, c=3, k=2)
+    for margins, got in [(None, "NoneType"), ("0.1", "str"), (["0.1"], "list"), ([[0.1, 0.2]], r"shape \[1, 2\]")]:
+        with pytest.raises(ValueError, match=f"margins: expected a float or a 1-D sequence of floats, got {got}"):
+            calibrate(branches, bb, y, margins)
+    with pytest.raises(ValueError, match="margins: expected a float or a 1-D sequence of floats, got str"):
+        calibrate_sweep(branches, bb, y, "0.1")
+    with pytest.raises(ValueError, match="margins: expected finite numbers, got NaN"):
+        calibrate(branches, bb, y, [0.1, math.nan])
+    assert calibrate_sweep(branches, bb, y).thresholds.shape == (51, 2, 3)  # None: the default grid
+    g = torch.Generator().manual_seed(4)
+    conf, pred = torch.rand(60, generator=g), torch.randint(0, 3, (60,), generator=g)
+    with pytest.raises(ValueError, match=r"pred: expected values in \[0, 2\], got \[3, 5\]"):
+        cpm_thresholds(conf, pred + 3, y, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"pred: expected values in \[0, 2\], got \[-1, 1\]"):
+        cpm_thresholds(conf, pred - 1, y, torch.zeros(3))
+    with pytest.raises(ValueError, match="pred: expected an integer tensor .*torch.float32"):
+        cpm_thresholds(conf, pred.float(), y, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"backbone_pred: expected values in \[0, 2\], got \[3, 5\]"):
+        backbone_precision(pred + 3, y, 3)
+    with pytest.raises(ValueError, match=r"bars: expected a floating tensor \[C\] or \[M, C\]"):
+        cpm_thresholds(conf, pred, y, torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="conf: expected a floating tensor"):
+        cpm_thresholds(pred, pred, y, torch.zeros(3))

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from calexnet_fast import data
-
-SHARED_DATA = Path(os.environ.get("CALEXNET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from calexnet_fast.normalization import NORMALIZATIONS, normalization_for
 
 
 @pytest.fixture(autouse=True)
@@ -253,11 +252,11 @@ def test_stratified_split_is_deterministic_and_exact():
 
 
 def test_normalisation_and_augmentation():
-    s = data.synthetic_dataset(20, 10, 10, n_classes=2, image_size=16, normalization=data.NORMALIZATIONS["cifar10"])
+    s = data.synthetic_dataset(20, 10, 10, n_classes=2, image_size=16, normalization=NORMALIZATIONS["cifar10"])
     raw = s.train.images[3].float() / 255
     x, _ = s.train[3]
-    mean = torch.tensor(data.NORMALIZATIONS["cifar10"].mean).view(3, 1, 1)
-    std = torch.tensor(data.NORMALIZATIONS["cifar10"].std).view(3, 1, 1)
+    mean = torch.tensor(NORMALIZATIONS["cifar10"].mean).view(3, 1, 1)
+    std = torch.tensor(NORMALIZATIONS["cifar10"].std).view(3, 1, 1)
     torch.testing.assert_close(x, (raw - mean) / std)
     aug = s.train.with_options(augment=True)
     torch.manual_seed(0)
@@ -266,10 +265,10 @@ def test_normalisation_and_augmentation():
     a2 = torch.stack([aug[i][0] for i in range(10)])
     assert torch.equal(a1, a2) and a1.shape == (10, 3, 16, 16)
     assert not torch.equal(a1, torch.stack([s.train[i][0] for i in range(10)]))
-    assert data.normalization_for("cifar_resnet56").name == "imagenet"
-    assert data.normalization_for("resnet18", "cinic10").name == "cinic10"
+    assert normalization_for("cifar_resnet56").name == "imagenet"
+    assert normalization_for("resnet18", "cinic10").name == "cinic10"
     with pytest.raises(ValueError, match="normalization"):
-        data.normalization_for("resnet18", "bogus")
+        normalization_for("resnet18", "bogus")
 
 
 def test_synthetic_is_deterministic_balanced_and_learnable():
@@ -286,8 +285,8 @@ def test_synthetic_is_deterministic_balanced_and_learnable():
 
 
 @pytest.mark.slow
-def test_real_cifar10_jpeg():
-    root = SHARED_DATA / "cifar10-jpeg"
+def test_real_cifar10_jpeg(shared_data):
+    root = shared_data / "cifar10-jpeg"
     if not root.is_dir():
         pytest.skip(f"real data not found at {root} (set CALEXNET_DATA to the shared data folder)")
     s = data.load_dataset("cifar10", root)

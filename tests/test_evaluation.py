@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from calexnet_fast import cli, evaluation
+from calexnet_fast import cli
 from calexnet_fast.calibration import calibrate
 from calexnet_fast.evaluation import (
     SweepResult,
@@ -18,24 +18,23 @@ from calexnet_fast.evaluation import (
     envelope_area,
     envelope_value,
     pareto_envelope,
+    parse_margins,
+    plot_envelopes,
+    results_table,
     summarize,
     sweep_cpm,
     sweep_global_threshold,
     threshold_grid,
 )
 from calexnet_fast.flops import FlopsProfile
+from calexnet_fast.io import json_safe, write_json
 
 PROFILE = FlopsProfile((1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0))  # exit k costs k, the backbone 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: with two intra-op threads on a loaded 2-core machine every op waits for a
-    descheduled thread (measured 20x slower); one thread keeps them fast. Restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# many tiny ops: with two intra-op threads on a loaded 2-core machine every op waits for a descheduled thread
+# (measured 20x slower); one thread keeps them fast
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +158,14 @@ def test_sweep_cpm_points_match_a_hand_loop(aligned):
     assert sw.flops_reduction[-1] > sw.flops_reduction[0]  # a wider margin lets more samples out
 
 
+def test_parse_margins():
+    assert parse_margins("0:1:5").tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert parse_margins("0.2,-0.1").tolist() == [0.2, -0.1] and parse_margins("0.3").dtype == torch.float64
+    for bad in ("0:1:0", "a,b", "0:1"):
+        with pytest.raises(ValueError, match="margins: expected START:STOP:COUNT"):
+            parse_margins(bad)
+
+
 def test_threshold_grid():
     g = threshold_grid(torch.tensor([[0.99, 0.999, 0.9999], [0.5, 0.6, float("nan")]]), 11, 9)
     assert g[0] == 0.0 and torch.isinf(g[-1]) and 1.0 in g.tolist()
@@ -193,7 +200,7 @@ def test_summarize_seed_statistics_and_band():
     assert b["accuracy_at"]["0.6"]["values"][1] == pytest.approx(0.9 - 0.06 / 0.65)
     assert math.isnan(b["band"]["mean"][2]) and b["band"]["mean"][1] == pytest.approx((0.82 + 0.9 - 0.04 / 0.65) / 2)
     assert b["max_reduction"]["mean"] == pytest.approx(0.575)
-    table = evaluation.results_table(json.loads(json.dumps(evaluation._json_safe(s))))
+    table = results_table(json.loads(json.dumps(json_safe(s))))
     assert "| a |" in table and "| b |" in table and "**" in table and "n/a (1/2 seeds miss)" in table
 
 
@@ -203,10 +210,10 @@ def test_plot_and_json(tmp_path):
     }
     s = summarize(sweeps)
     paths = [tmp_path / "f.png", tmp_path / "f.svg"]
-    evaluation.plot_envelopes(s, paths, backbone_accuracy=0.9, title="t")
+    plot_envelopes(s, paths, backbone_accuracy=0.9, title="t")
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in paths[1].read_text()[:1000]
-    evaluation.write_json(tmp_path / "r.json", {"s": s, "v": float("nan")})
+    write_json(tmp_path / "r.json", {"s": s, "v": float("nan")})
     back = json.loads((tmp_path / "r.json").read_text())
     assert back["v"] is None and back["s"]["x"]["area"]["mean"] == pytest.approx(s["x"]["area"]["mean"])
 

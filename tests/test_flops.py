@@ -12,10 +12,7 @@ from calexnet_fast import flops as F
 
 def _linear_heads(bb, n_classes=None):
     n_classes = n_classes or bb.n_classes
-    return [
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n_classes))
-        for c in bb.branch_channels
-    ]
+    return [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n_classes)) for c in bb.branch_channels]
 
 
 @pytest.mark.parametrize(

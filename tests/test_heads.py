@@ -4,27 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calexnet_fast.heads import FoldedPrototypeHead, PrototypePoolingHead, folded_head_reference
-
-
-def _trained_bn_head(
-    c: int, n_classes: int, dim: int = 128, k: int = 32, seed: int = 0
-) -> PrototypePoolingHead:
-    """A head whose BN running stats and affine params are far from identity, so folding is non-trivial."""
-    torch.manual_seed(seed)
-    head = PrototypePoolingHead(c, n_classes, dim=dim, n_prototypes=k)
-    with torch.no_grad():
-        head.bn.weight.uniform_(0.5, 2.0)
-        head.bn.bias.uniform_(-0.5, 0.5)
-        head.gamma.fill_(7.5)
-    head.train()
-    with torch.no_grad():
-        for _ in range(4):
-            head(torch.randn(16, c, 6, 6) * 3.0 + 1.5)
-    head.eval()
-    assert not torch.allclose(head.bn.running_mean, torch.zeros(dim))
-    assert not torch.allclose(head.bn.running_var, torch.ones(dim))
-    return head
+from calexnet_fast.heads import FoldedPrototypeHead, PrototypePoolingHead
+from calexnet_fast.reference import folded_head_reference
 
 
 def _naive_pooled(head: PrototypePoolingHead, f: torch.Tensor) -> torch.Tensor:
@@ -35,17 +16,14 @@ def _naive_pooled(head: PrototypePoolingHead, f: torch.Tensor) -> torch.Tensor:
     for i in range(n):
         pix = u[i].reshape(d, h * w).t()  # [HW, D]
         s = torch.stack(
-            [
-                head.gamma * F.cosine_similarity(pix, p.expand_as(pix), dim=1, eps=1e-8)
-                for p in head.prototypes
-            ]
+            [head.gamma * F.cosine_similarity(pix, p.expand_as(pix), dim=1, eps=1e-8) for p in head.prototypes]
         )  # [K, HW]
         rows.append(torch.cat([s.max(dim=1).values, s.mean(dim=1), pix.mean(dim=0)]))
     return torch.stack(rows)
 
 
-def test_forward_matches_definition():
-    head = _trained_bn_head(c=12, n_classes=5, dim=16, k=6)
+def test_forward_matches_definition(make_head):
+    head = make_head(c=12, n_classes=5, dim=16, k=6)
     f = torch.randn(3, 12, 5, 4)
     with torch.no_grad():
         pooled = head.pooled_features(f)
@@ -58,8 +36,10 @@ def test_forward_matches_definition():
 @pytest.mark.parametrize(
     "c,n_classes,dim,k,h,w", [(64, 10, 128, 32, 7, 7), (48, 100, 96, 10, 8, 8), (3, 2, 16, 1, 1, 5)]
 )
-def test_fold_matches_unfolded(c, n_classes, dim, k, h, w):
-    head = _trained_bn_head(c, n_classes, dim, k)
+def test_fold_matches_unfolded(c, n_classes, dim, k, h, w, make_head):
+    head = make_head(c, n_classes, dim, k)
+    assert not torch.allclose(head.bn.running_mean, torch.zeros(dim))
+    assert not torch.allclose(head.bn.running_var, torch.ones(dim))
     folded = head.fold()
     f = torch.randn(5, c, h, w) * 2.0 + 0.5
     with torch.no_grad():
@@ -75,8 +55,8 @@ def test_fold_matches_unfolded(c, n_classes, dim, k, h, w):
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_buffers():
-    head = _trained_bn_head(c=20, n_classes=7, dim=32, k=4)
+def test_fold_buffers(make_head):
+    head = make_head(c=20, n_classes=7, dim=32, k=4)
     folded = head.fold()
     assert isinstance(folded, FoldedPrototypeHead)
     shapes = {name: list(b.shape) for name, b in folded.named_buffers()}
@@ -105,17 +85,38 @@ def test_parameter_count():
     assert head.feature_dim == 2 * k + d
 
 
-def test_zero_projection_gives_zero_similarity_not_nan():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zero_projection_gives_zero_similarity_not_nan(dtype):
+    """Also in float16, where the cosine's 1e-8 floor would round to zero (0 / 0 = NaN)."""
     head = PrototypePoolingHead(8, 3, dim=16, n_prototypes=4).eval()
     with torch.no_grad():
         head.bn.bias.fill_(-1e4)  # ReLU kills every channel: u == 0
-    f = torch.randn(2, 8, 3, 3)
+        head.prototypes[1] = 0.0  # a zero prototype: similarity 0 too
+    head = head.to(dtype)
+    f = torch.randn(2, 8, 3, 3, dtype=dtype)
     with torch.no_grad():
         pooled = head.pooled_features(f)
         assert torch.equal(pooled, torch.zeros_like(pooled))
-        folded_out = head.fold()(f)
-    assert torch.isfinite(folded_out).all()
-    torch.testing.assert_close(folded_out, head.classifier.bias.expand(2, 3))
+        module_out = head(f)
+        folded = head.fold()
+        folded_out = folded(f)
+    reference_out = folded_head_reference(f, *folded.buffers())
+    for out in (module_out, folded_out, reference_out):
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        torch.testing.assert_close(out, head.classifier.bias.detach().expand(2, 3))
+    assert torch.isfinite(folded.prototypes).all()
+
+
+def test_folded_head_on_another_device_raises():
+    """Meta-device features against CPU buffers: a clear error, not uninitialised CPU memory."""
+    folded = PrototypePoolingHead(8, 3, dim=16, n_prototypes=4).eval().fold()
+    meta = torch.randn(2, 8, 3, 3, device="meta")
+    with pytest.raises(ValueError, match=r"features: expected device cpu \(that of the head's weights\), got meta"):
+        folded(meta)
+    with pytest.raises(ValueError, match="features: expected device cpu"):
+        PrototypePoolingHead(8, 3, dim=16, n_prototypes=4)(meta)
+    out = folded.to("meta")(meta)  # both on meta: shape inference
+    assert out.device.type == "meta" and out.shape == (2, 3)
 
 
 def test_gradients_reach_every_parameter():
@@ -127,8 +128,8 @@ def test_gradients_reach_every_parameter():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_folded_reference_computes_in_input_dtype(dtype):
-    head = _trained_bn_head(c=16, n_classes=5, dim=32, k=8)
+def test_folded_reference_computes_in_input_dtype(dtype, make_head):
+    head = make_head(c=16, n_classes=5, dim=32, k=8)
     folded = head.fold()
     f = torch.randn(3, 16, 4, 4)
     out = folded(f.to(dtype))
@@ -142,9 +143,7 @@ def test_bad_inputs():
     head = PrototypePoolingHead(16, 4, dim=8, n_prototypes=2)
     folded = head.fold()
     for module in (head, folded):
-        with pytest.raises(
-            ValueError, match=r"features: expected a 4-D tensor \[N, C, H, W\], got shape \[2, 16\]"
-        ):
+        with pytest.raises(ValueError, match=r"features: expected a 4-D tensor \[N, C, H, W\], got shape \[2, 16\]"):
             module(torch.randn(2, 16))
         with pytest.raises(ValueError, match=r"features: expected 16 channels \(dim 1\), got 15"):
             module(torch.randn(2, 15, 3, 3))
@@ -161,6 +160,4 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match=name):
             PrototypePoolingHead(**kwargs)
     with pytest.raises(ValueError, match=r"cls_weight: expected shape \[3, 12\], got \[3, 11\]"):
-        FoldedPrototypeHead(
-            torch.zeros(8, 4), torch.zeros(8), torch.zeros(2, 8), torch.zeros(3, 11), torch.zeros(3)
-        )
+        FoldedPrototypeHead(torch.zeros(8, 4), torch.zeros(8), torch.zeros(2, 8), torch.zeros(3, 11), torch.zeros(3))

@@ -11,8 +11,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from calexnet_fast import backbones, cli, measure
-from calexnet_fast.baselines import ZTW, BoostNet, PTEEnet, exit_outputs
+from calexnet_fast import backbones, cli
+from calexnet_fast.baselines import ZTW, BoostNet, PTEEnet, baseline_exit_heads, exit_outputs
+from calexnet_fast.cascades import ScoreCascade
+from calexnet_fast.evaluation import (
+    PowerMeter,
+    TimingConfig,
+    baseline_decisions,
+    headline,
+    measure_points,
+    speed_table,
+)
+from calexnet_fast.features import backbone_features
 from calexnet_fast.flops import FlopsProfile
 
 SYN = ["--dataset", "synthetic", "--synthetic-size", "300", "160", "200", "--synthetic-classes", "4"]
@@ -21,13 +31,8 @@ FAST = ["--batch-size", "64", "--head-dim", "8", "--n-prototypes", "4", "--min-s
 TIMING = ["--batch-size", "48", "--repeats", "2", "--warmup", "0", "--threads", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to OpenMP spin-waits on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# tiny tensors: one thread is fastest, and immune to OpenMP spin-waits on a busy machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_measure_run_equals_evaluate_at_every_margin(tmp_path):
@@ -99,7 +104,7 @@ def test_score_cascade_equals_the_baselines_simulated_exit_rule(name):
                 w.normal_(0, 0.5)
     model.eval()
     x = torch.randn(100, 3, 16, 16)
-    cache = measure.backbone_features(bb, x, batch_size=64)
+    cache = backbone_features(bb, x, batch_size=64)
     scores = exit_outputs(model, cache).scores
     # one threshold that lets some samples leave at branch 3 exactly: between max(s1, s2) and s3 of the sample
     # with the widest such gap
@@ -107,9 +112,9 @@ def test_score_cascade_equals_the_baselines_simulated_exit_rule(name):
     i = int(gap.argmax())
     assert gap[i] > 0
     taus = [*_midpoints(scores, [0.05, 0.5, 0.9]), float((scores[:2, i].max() + scores[2, i]) / 2), math.inf, 0.0]
-    expected = measure.baseline_expected(model, cache, taus)
-    cascade = measure.ScoreCascade(
-        list(bb.stages), measure.baseline_exit_heads(model), torch.full((3, 5), taus[0]), n_classes=5, in_channels=3
+    expected = baseline_decisions(model, cache, taus)
+    cascade = ScoreCascade(
+        list(bb.stages), baseline_exit_heads(model), torch.full((3, 5), taus[0]), n_classes=5, in_channels=3
     )
     exits_seen = set()
     for tau, (e_pred, e_exit) in zip(taus, expected, strict=True):
@@ -203,22 +208,22 @@ def test_headline_by_hand():
         {"method": "a", "seed": 1, "param_name": "margin", "points": [pt(0.0, 0.90, 1.2), pt(0.2, 0.886, 1.4)]},
         {"method": "b", "seed": 0, "param_name": "threshold", "points": [pt(0.5, 0.7, 3.0)]},
     ]  # fmt: skip
-    s = measure.headline(runs, backbone_accuracy=0.895, max_loss=0.01)
+    s = headline(runs, backbone_accuracy=0.895, max_loss=0.01)
     assert s["a"]["max_speedup_within_loss"]["values"] == [1.6, 1.4]
     assert s["a"]["max_speedup_within_loss"]["mean"] == pytest.approx(1.5)
     assert s["a"]["max_speedup_within_loss"]["std"] == pytest.approx(math.sqrt(0.02))
     assert s["a"]["speedup_at_m0.2"]["values"] == [1.6, 1.4]
     assert s["a"]["max_speedup_points"][0]["param"] == 0.2
     assert math.isnan(s["b"]["max_speedup_within_loss"]["mean"]) and "speedup_at_m0.2" not in s["b"]
-    table = measure.speed_table(s)
+    table = speed_table(s)
     assert "| a | 1.50× ± 0.14 | 1.50× ± 0.14 |" in table and "| b | n/a (1/1 seeds have none) |" in table
 
 
 def test_measure_points_checks_and_cpu_energy():
     with pytest.raises(ValueError, match="repeats"):
-        measure.TimingConfig(repeats=0)
+        TimingConfig(repeats=0)
     with pytest.raises(ValueError, match="batch_size"):
-        measure.TimingConfig(batch_size=0)
+        TimingConfig(batch_size=0)
     bb = backbones.cifar_resnet(20, n_classes=3, n_branches=2, placement="flops", input_size=8).eval()
     from calexnet_fast import Cascade
     from calexnet_fast.heads import PrototypePoolingHead
@@ -227,19 +232,17 @@ def test_measure_points_checks_and_cpu_energy():
     x = torch.randn(10, 3, 8, 8)
     prof = FlopsProfile((1.0, 1.0, 1.0), (0.1, 0.1))
     with pytest.raises(ValueError, match="labels"):
-        measure.measure_points(cascade, bb, x, torch.zeros(9, dtype=torch.long), [torch.zeros(2, 3)], prof)
+        measure_points(cascade, bb, x, torch.zeros(9, dtype=torch.long), [torch.zeros(2, 3)], prof)
     with pytest.raises(ValueError, match="params"):
-        measure.measure_points(
-            cascade, bb, x, torch.zeros(10, dtype=torch.long), [torch.zeros(2, 3)], prof, params=[0.1, 0.2]
-        )
-    rows = measure.measure_points(
+        measure_points(cascade, bb, x, torch.zeros(10, dtype=torch.long), [torch.zeros(2, 3)], prof, params=[0.1, 0.2])
+    rows = measure_points(
         cascade,
         bb,
         x,
         torch.zeros(10, dtype=torch.long),
         [torch.full((2, 3), -math.inf)],  # everything leaves at branch 1
         prof,
-        config=measure.TimingConfig(batch_size=4, repeats=1, warmup=0, timing_images=6),
+        config=TimingConfig(batch_size=4, repeats=1, warmup=0, timing_images=6),
     )
     assert rows[0]["exit_fractions"] == [1.0, 0.0, 0.0] and rows[0]["timed_images"] == 6
     assert rows[0]["flops_reduction"] == pytest.approx(1 - 1.1 / 3)
@@ -256,15 +259,15 @@ def test_measure_points_checks_and_cpu_energy():
                 time.sleep(0.5)
             return self.inner(x)
 
-    cfg = measure.TimingConfig(batch_size=10, repeats=3, warmup=0, max_extra_rounds=2)
-    rows = measure.measure_points(
+    cfg = TimingConfig(batch_size=10, repeats=3, warmup=0, max_extra_rounds=2)
+    rows = measure_points(
         cascade, Disturbed(bb), x, torch.zeros(10, dtype=torch.long), [torch.zeros(2, 3)], prof, config=cfg
     )
     assert len(rows[0]["seconds_per_round"]["backbone"]) == 5 and max(rows[0]["seconds_per_round"]["backbone"]) > 0.5
     assert rows[0]["images_per_s"]["backbone"] > 10 / 0.5  # the median is not the disturbed round
     with pytest.raises(ValueError, match="noise_tolerance"):
-        measure.TimingConfig(noise_tolerance=0.5)
-    meter = measure.PowerMeter(torch.device("cpu"))
+        TimingConfig(noise_tolerance=0.5)
+    meter = PowerMeter(torch.device("cpu"))
     assert not meter.available and "CPU" in meter.reason
     with pytest.raises(SystemExit, match="results.json"):
         cli.main(["measure", "--compare", "/nonexistent/dir", "--quiet"])

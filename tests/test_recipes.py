@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from calexnet_fast import recipes, training
 from calexnet_fast.backbones import CifarResNet, cifar_resnet
 from calexnet_fast.calibration import calibrate
-from calexnet_fast.cascade import ReferenceCascade, apply_exit_rule
+from calexnet_fast.cascades import ReferenceCascade
 from calexnet_fast.data import synthetic_dataset
-from calexnet_fast.exit_rule import exit_decision_reference
+from calexnet_fast.exit_rule import apply_exit_rule, exit_decision_reference
+from calexnet_fast.features import FeatureCache, build_feature_cache
 from calexnet_fast.recipes import Recipe, kd_loss, survivor_weights
-from calexnet_fast.training import CachedBatch, FeatureCache, FitConfig
+from calexnet_fast.run import load_heads, save_heads
+from calexnet_fast.training import CachedBatch, FitConfig
 
 INF = math.inf
 
@@ -251,8 +253,8 @@ def test_train_branches_resumes_inside_branch_two(tmp_path):
         recipes.train_branches(
             tr, va, recipes.recipe("reference", **SMALL), cfg, out_dir=tmp_path / "run", progress=False
         )
-    recipes.save_heads(tmp_path / "heads.safetensors", res.heads, {"recipe": rec.to_json()})
-    back, cfg_back = recipes.load_heads(tmp_path / "heads.safetensors")
+    save_heads(tmp_path / "heads.safetensors", res.heads, {"recipe": rec.to_json()})
+    back, cfg_back = load_heads(tmp_path / "heads.safetensors")
     assert cfg_back["recipe"]["name"] == "calexnet" and len(back) == 2
     torch.testing.assert_close(recipes.head_logits(back[1], va, 1), recipes.head_logits(res.heads[1], va, 1))
 
@@ -275,7 +277,7 @@ def trained():
         progress=False,
     )
     bb = cifar_resnet(8, n_classes=6, checkpoint=net.state_dict(), input_size=16)
-    caches = [training.build_feature_cache(bb, d, progress=False) for d in (data.train, data.val, data.test)]
+    caches = [build_feature_cache(bb, d, progress=False) for d in (data.train, data.val, data.test)]
     return data, bb, caches
 
 

@@ -16,14 +16,8 @@ import torch
 from torch import nn
 
 from calexnet_fast import backbones as B
-from calexnet_fast.cascade import (
-    CascadeOutput,
-    ReferenceCascade,
-    SimulatedOutput,
-    apply_exit_rule,
-    check_cascade_thresholds,
-)
-from calexnet_fast.exit_rule import exit_decision_reference
+from calexnet_fast.cascades import CascadeOutput, ReferenceCascade, SimulatedOutput
+from calexnet_fast.exit_rule import check_cascade_thresholds, exit_decision_reference
 
 N_CLASSES = 10
 
@@ -63,9 +57,7 @@ class NaNHead(nn.Module):
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         z = self.inner(f)
         bad = f.mean(dim=(1, 2, 3)) < self.cut
-        return torch.where(
-            bad.unsqueeze(1) & (torch.arange(z.shape[1]) == 0), torch.full_like(z, float("nan")), z
-        )
+        return torch.where(bad.unsqueeze(1) & (torch.arange(z.shape[1]) == 0), torch.full_like(z, float("nan")), z)
 
 
 class Recorder(nn.Module):
@@ -286,9 +278,7 @@ def test_real_backbone_cifar_resnet20():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
-    heads = [
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, 10)) for ch in bb.branch_channels
-    ]
+    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, 10)) for ch in bb.branch_channels]
     for h in heads:
         h[2].weight.data.mul_(20)
     c = ReferenceCascade(bb, heads).eval()
@@ -306,25 +296,6 @@ def test_real_backbone_cifar_resnet20():
     out2 = c2(x)
     assert torch.equal(out2.exit_index, real.exit_index)
     torch.testing.assert_close(out2.logits, real.logits, rtol=0, atol=0)
-
-
-def test_apply_exit_rule_directly():
-    z = torch.tensor(
-        [
-            [[2.0, 0.0], [0.0, 0.0], [float("nan"), 1.0]],  # branch 1
-            [[0.0, 5.0], [3.0, 0.0], [0.0, 4.0]],  # branch 2
-        ]
-    )
-    zb = torch.tensor([[9.0, 0.0], [8.0, 0.0], [7.0, 0.0]])
-    p_tie = torch.softmax(torch.tensor([0.0, 0.0]), 0)[0]  # 0.5 exactly
-    thr = torch.tensor([[0.8, float("inf")], [float("inf"), 0.99]])
-    out = apply_exit_rule(z, zb, thr)
-    assert out.exit_index.tolist() == [1, 3, 3]
-    thr = torch.tensor([[0.5, 0.5], [0.9, 0.9]])
-    assert float(p_tie) == 0.5
-    out = apply_exit_rule(z, zb, thr)
-    assert out.exit_index.tolist() == [1, 1, 2]  # row 1 ties at 0.5 and exits; row 2 has NaN at branch 1
-    torch.testing.assert_close(out.logits, torch.stack([z[0, 0], z[0, 1], z[1, 2]]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,10 +343,7 @@ def test_thresholds_state_and_setter():
     assert torch.equal(c2.thresholds, c.thresholds)
     c.half()
     assert c.thresholds.dtype == torch.float32
-    assert (
-        check_cascade_thresholds(torch.full((1, 2), float("-inf"), dtype=torch.float16), 1, 2).dtype
-        == torch.float32
-    )
+    assert check_cascade_thresholds(torch.full((1, 2), float("-inf"), dtype=torch.float16), 1, 2).dtype == torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,10 +401,25 @@ def test_bad_inputs_and_construction():
         ReferenceCascade(nn.Linear(2, 2), heads)
     with pytest.raises(ValueError, match="stages_or_backbone: expected at least 2 stages"):
         ReferenceCascade([bb.stages[0]], [], n_classes=10)
-    with pytest.raises(ValueError, match=r"backbone_logits: expected shape \[4, 10\], got \[4, 9\]"):
-        apply_exit_rule(torch.zeros(3, 4, 10), torch.zeros(4, 9), torch.zeros(3, 10))
-    with pytest.raises(ValueError, match=r"thresholds: expected shape \[3, 10\], got \[10\]"):
-        apply_exit_rule(torch.zeros(3, 4, 10), torch.zeros(4, 10), torch.zeros(10))
+
+
+def test_input_dtype_and_device_must_match_the_cascade():
+    c = tiny_cascade()
+    x = torch.randn(2, 3, 8, 8)
+    for bad, msg in [
+        (x.double(), r"x: expected dtype torch.float32 \(that of the cascade's parameters.*got torch.float64"),
+        (x.to(torch.uint8), r"x: expected dtype torch.float32 .*got torch.uint8"),
+        (torch.empty(2, 3, 8, 8, device="meta"), r"x: expected device cpu \(that of the cascade\), got meta"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            c(bad)
+        with pytest.raises(ValueError, match=msg):
+            c.simulate(bad)
+    with pytest.raises(Exception, match=r"x: expected device cpu \(that of the cascade\), got meta"):
+        torch.jit.script(c)(torch.empty(2, 3, 8, 8, device="meta"))
+    half = tiny_cascade().to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x: expected dtype torch.bfloat16 .*got torch.float32"):
+        half(x)
 
 
 def test_torch_export_of_simulate():
@@ -461,9 +444,7 @@ def test_with_prototype_pooling_heads_and_their_folded_form():
     heads_mod = pytest.importorskip("calexnet_fast.heads")
     torch.manual_seed(13)
     bb = B.cifar_resnet(20, branch_points=["layer1.2", "layer2.1", "layer3.0"])
-    heads = [
-        heads_mod.PrototypePoolingHead(ch, 10, dim=16, n_prototypes=8).eval() for ch in bb.branch_channels
-    ]
+    heads = [heads_mod.PrototypePoolingHead(ch, 10, dim=16, n_prototypes=8).eval() for ch in bb.branch_channels]
     x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(13))
     c = ReferenceCascade(bb, heads).eval()
     sim = c.simulate(x)
@@ -481,7 +462,7 @@ def test_with_prototype_pooling_heads_and_their_folded_form():
     torch.testing.assert_close(folded.decide(folded.simulate(x)).exit_index, out.exit_index, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.needs_cuda
 def test_cuda_real_equals_simulated():
     c = tiny_cascade(14).cuda()
     assert c.thresholds.is_cuda

@@ -1,4 +1,5 @@
-"""The training engine: feature cache, fit loop, checkpoints and resume, DDP on two CPU processes."""
+"""The training engine: fit loop, batch sources, checkpoints and resume, backbone training, DDP on two CPU
+processes."""
 
 from __future__ import annotations
 
@@ -14,23 +15,13 @@ from torch import nn
 
 import calexnet_fast
 from calexnet_fast import training
-from calexnet_fast.backbones import cifar_resnet
 from calexnet_fast.data import synthetic_dataset
-from calexnet_fast.training import CacheSource, FeatureCache, FitConfig
+from calexnet_fast.features import FeatureCache
+from calexnet_fast.training import CacheSource, FitConfig
 
 
 class Interrupt(Exception):
     pass
-
-
-def tiny_backbone():
-    torch.manual_seed(0)
-    return cifar_resnet(8, n_classes=4, input_size=16)
-
-
-@pytest.fixture(scope="module")
-def synth():
-    return synthetic_dataset(96, 32, 32, n_classes=4, image_size=16, seed=0)
 
 
 def make_cache(n=64, seed=0) -> FeatureCache:
@@ -59,66 +50,11 @@ def ce(model, batch):
     return nn.functional.cross_entropy(model(batch.features[0]), batch.labels)
 
 
-def test_memory_and_disk_cache_hold_the_backbone_outputs(tmp_path, synth):
-    bb = tiny_backbone()
-    mem = training.build_feature_cache(bb, synth.test, batch_size=10, progress=False)
-    with torch.no_grad():
-        x = torch.stack([synth.test[i][0] for i in range(len(synth.test))])
-        feats, logits = bb.features(x)
-    assert mem.n_branches == 2 and len(mem) == 32 and mem.features[0].dtype == torch.float16
-    for k in range(2):
-        torch.testing.assert_close(mem.features[k], feats[k].half())
-    torch.testing.assert_close(mem.backbone_logits, logits)
-    assert torch.equal(mem.labels, synth.test.labels)
-
-    path = tmp_path / "test.safetensors"
-    disk = training.build_feature_cache(bb, synth.test, batch_size=7, storage="disk", path=path, progress=False)
-    assert disk.on_disk and path.is_file()
-    idx = torch.tensor([5, 0, 31, 7])
-    fm, zm, ym = mem.gather(idx)
-    fd, zd, yd = disk.gather(idx)
-    order = torch.argsort(idx)  # the disk cache reads rows in sorted order
-    for k in range(2):
-        assert torch.equal(fd[k], fm[k][order])
-    assert torch.equal(zd, zm[order]) and torch.equal(yd, ym[order])
-    # the file is a standard safetensors file
-    from safetensors.torch import load_file
-
-    st = load_file(str(path))
-    assert torch.equal(st["features.1"], mem.features[1]) and torch.equal(st["labels"], mem.labels)
-
-
-def test_disk_cache_is_reused_only_when_it_matches(tmp_path, synth):
-    bb = tiny_backbone()
-    path = tmp_path / "c.safetensors"
-    training.build_feature_cache(bb, synth.val, storage="disk", path=path, progress=False)
-    calls = []
-    bb.stages[0].register_forward_hook(lambda *a: calls.append(1))
-    again = training.build_feature_cache(bb, synth.val, path=path, progress=False)
-    assert not calls and not again.on_disk and len(again) == 32  # loaded into memory, no backbone pass
-    with torch.no_grad():
-        bb.stages[0][0].weight.mul_(2)  # other weights: the file no longer matches
-    training.build_feature_cache(bb, synth.val, path=path, progress=False)
-    assert calls
-    training.build_feature_cache(bb, synth.val, path=path, progress=False, dtype=torch.float32)
-    assert FeatureCache.load(path).features[0].dtype == torch.float32
-
-
-def test_cache_errors(tmp_path, synth):
-    bb = tiny_backbone()
-    with pytest.raises(ValueError, match="path"):
-        training.build_feature_cache(bb, synth.val, storage="disk")
-    with pytest.raises(ValueError, match="storage"):
-        training.build_feature_cache(bb, synth.val, storage="cloud")
-    with pytest.raises(ValueError, match="dtype"):
-        training.build_feature_cache(bb, synth.val, dtype=torch.int8)
-    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
-    with pytest.raises(RuntimeError, match="bad.safetensors"):
-        FeatureCache.load(tmp_path / "bad.safetensors")
-    with pytest.raises(ValueError, match="does not exist"):
-        FeatureCache.load(tmp_path / "none.safetensors")
+def test_source_and_config_errors():
     with pytest.raises(ValueError, match="weights"):
         CacheSource(make_cache(), torch.ones(3))
+    with pytest.raises(ValueError, match="branches"):
+        CacheSource(make_cache(), branches=[2])
     for bad in ({"epochs": -1}, {"batch_size": 0}, {"optimizer": "lion"}, {"schedule": "step"}, {"lr": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FitConfig(**bad)
@@ -290,7 +226,7 @@ def test_train_backbone_torchvision_resnet_and_resume(tmp_path, monkeypatch):
 
     # the per-epoch validation runs right after the epoch's checkpoint: stop the run there
     with monkeypatch.context() as m:
-        m.setattr(training, "evaluate_classifier", boom)
+        m.setattr(training.backbone, "evaluate_classifier", boom)
         with pytest.raises(Interrupt):
             training.train_backbone(new(), data.train, data.val, cfg, out_dir=tmp_path / "run", progress=False)
     torch.manual_seed(99)
@@ -307,17 +243,17 @@ DDP_SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from safetensors.torch import save_file
-    from calexnet_fast import training
+    from calexnet_fast import distributed, features, training
 
 
     def main(out, batch_size, world_size):
-        info = training.init_distributed()
+        info = distributed.init_distributed()
         assert info.world_size == world_size, info
         g = torch.Generator().manual_seed(0)
         n = 64
         y = torch.randint(0, 4, (n,), generator=g)
         f0 = torch.randn(n, 6, 4, 4, generator=g) + y.view(-1, 1, 1, 1).float()
-        cache = training.FeatureCache([f0], torch.randn(n, 4, generator=g), y)
+        cache = features.FeatureCache([f0], torch.randn(n, 4, generator=g), y)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(96, 4))
         cfg = training.FitConfig(epochs=3, batch_size=batch_size, optimizer="sgd", lr=0.1)

@@ -106,7 +106,8 @@ def exit_decision_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         valid = rmask[:, None] & (cols < C)[None, :]
-        z = tl.load(z_ptr + row_off[:, None] + cols[None, :] * stride_zc, mask=valid, other=0.0)
+        col_off = cols.to(tl.int64) * stride_zc  # int64: (C - 1) * stride_zc can pass 2**31 (a column view)
+        z = tl.load(z_ptr + row_off[:, None] + col_off[None, :], mask=valid, other=0.0)
         m, s, idx, nan_idx = softmax_argmax_update(z.to(tl.float32), valid, c0, m, s, idx, nan_idx, BLOCK_C)
     pred, conf = softmax_argmax_finish(m, s, idx, nan_idx, C)
     thr = tl.load(thr_ptr + pred, mask=rmask, other=float("inf"))

@@ -1,4 +1,4 @@
-"""Lazy Triton access and the availability probe.
+"""Lazy Triton access, the availability probe, and what the launchers share.
 
 Nothing here imports ``triton`` at module import time: ``import calexnet_fast.kernels`` must work without
 triton and without a GPU, and ``TRITON_INTERPRET=1`` only takes effect for kernels decorated after it is set,
@@ -79,6 +79,11 @@ def triton_status() -> tuple[bool, str]:
         False,
         f"{how}; CPU tensors use the PyTorch reference (set TRITON_INTERPRET=1 to test kernels on CPU)",
     )
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= ``x`` (1 for ``x <= 1``): block sizes of the launch configurations."""
+    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def kernel_module(name: str):

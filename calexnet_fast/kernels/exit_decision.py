@@ -12,15 +12,10 @@ import contextlib
 
 import torch
 
-from calexnet_fast.exit_rule import check_thresholds, exit_decision_reference
-
-from ._triton import cuda_usable, interpreting, kernel_module, warn_fallback_once
+from ..exit_rule import check_thresholds, exit_decision_reference
+from ._triton import cuda_usable, interpreting, kernel_module, next_pow2, warn_fallback_once
 
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def exit_decision_launch_config(n_rows: int, n_classes: int) -> dict[str, int]:
@@ -37,7 +32,7 @@ def exit_decision_launch_config(n_rows: int, n_classes: int) -> dict[str, int]:
     thousand, C <= 1000) the kernel is a single short launch, which is where its gain over the ~6 eager
     kernels comes from.
     """
-    block_c = min(max(16, _next_pow2(n_classes)), 256)
+    block_c = min(max(16, next_pow2(n_classes)), 256)
     block_n = max(1, min(64, 4096 // block_c))
     return {
         "BLOCK_N": block_n,
@@ -111,11 +106,7 @@ def _exit_decision_op(
     return _launch_exit_decision(logits, thresholds)
 
 
-@_exit_decision_op.register_kernel("cpu")
-def _exit_decision_cpu(
-    logits: torch.Tensor, thresholds: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return exit_decision_reference(logits, thresholds)
+_exit_decision_op.register_kernel("cpu", exit_decision_reference)
 
 
 @_exit_decision_op.register_fake

@@ -1,10 +1,11 @@
 """Fused prototype-pooling head + exit decision (DESIGN.md §1 steps 1-5, softmax, argmax, threshold test).
 
-Public: ``proto_head_exit(features [N, C, H, W], folded: FoldedPrototypeHead, thresholds [n_classes])
--> (logits float32 [N, n_classes], exit bool [N], pred int64 [N], conf float32 [N])``, backed by
-``torch.ops.calexnet_fast.proto_head_exit(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias,
-thresholds)``. Reference twin: ``proto_head_exit_reference`` (the folded head in float32 + the exit rule);
-it is the op's CPU kernel and the fallback when Triton cannot run on a CUDA tensor.
+Public: ``proto_head_exit(features [N, C, H, W], proj_weight, proj_bias, prototypes, cls_weight, cls_bias,
+thresholds [n_classes]) -> (logits float32 [N, n_classes], exit bool [N], pred int64 [N], conf float32 [N])``,
+also ``torch.ops.calexnet_fast.proto_head_exit``; the head's tensors are a folded prototype head's buffers
+(``calexnet_fast.heads.FoldedPrototypeHead.operands()``). Reference twin:
+``calexnet_fast.reference.proto_head_exit_reference`` (the folded head in float32 + the exit rule); it is the
+op's CPU kernel and the fallback when Triton cannot run on a CUDA tensor.
 
 Numerics: features are read in their own dtype (float16, bfloat16 or float32). For 16-bit features the
 projection dot takes the features and the projection weight in that dtype (the weight rounded to it, as
@@ -12,7 +13,7 @@ tensor cores need); the similarity dot takes u / ||u|| (in [0, 1]) and the gamma
 and the classifier dot the pooled features (scaled into [-1, 1]) and its weight in float16; float16 keeps
 3 more mantissa bits than bfloat16 and the scaling rules out overflow. All dots accumulate in float32; bias,
 ReLU, norms, pooling sums and maxima and the softmax are float32. The result is more accurate than PyTorch
-computing the head in the features' dtype (tests/test_kernels.py checks it against fp64). For float32
+computing the head in the features' dtype (tests/test_proto_head.py checks it against fp64). For float32
 features every dot is float32 and follows ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's
 default) -> IEEE fp32, else TF32. NaN propagates as in PyTorch, so a NaN feature never exits.
 
@@ -23,20 +24,14 @@ contiguous NCHW and channels_last (NHWC) without a copy; any other strides are m
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 
-from calexnet_fast.exit_rule import check_thresholds, exit_decision_reference
-from calexnet_fast.heads import FoldedPrototypeHead, folded_head_reference
-
-from ._triton import cuda_usable, interpreting, kernel_module, warn_fallback_once
+from ..exit_rule import check_thresholds
+from ..reference import proto_head_exit_reference
+from ._triton import cuda_usable, interpreting, kernel_module, next_pow2, warn_fallback_once
 
 _FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def proto_head_launch_config(
@@ -47,18 +42,22 @@ def proto_head_launch_config(
     Rule:
         grid = (N,): one program per sample, so the pooling reductions over H*W stay on chip and every feature
         element is read exactly once (no second pass, no atomics, no workspace).
-        16-bit features: BLOCK_C (channels per dot step) = next_pow2(C) clamped to [16, 64]; the channel loop
-        is unrolled (C_STATIC) when it has <= 2 steps (C <= 128), then BLOCK_P (pixels per tile) <= 128;
-        otherwise a runtime channel loop and BLOCK_P <= 64. num_stages = 3.
-        float32 features: BLOCK_C <= 32, runtime channel loop, BLOCK_P <= 64, num_stages = 2.
+        BLOCK_C (channels per dot step): next_pow2(C) clamped to [16, 64] (16-bit features) or [16, 32]
+        (float32), then halved (down to 16) until it divides C, so that only a C that is not a multiple of 16
+        needs masked channel loads (EVEN_C false).
+        16-bit features: the channel loop is unrolled (C_STATIC) when it has <= 2 steps and EVEN_C, then
+        BLOCK_P (pixels per tile) <= 128; otherwise a runtime channel loop and BLOCK_P <= 64. num_stages = 3.
+        float32 features: runtime channel loop, BLOCK_P <= 64 (<= 32 if not EVEN_C), num_stages = 2.
+        D_PAD, K_PAD = next_pow2 of D and K, at least 16 (tl.dot's minimum). Wide heads (D_PAD > 128 or
+        K_PAD > 32: larger per-pixel accumulators): runtime channel loop and BLOCK_P <= 32.
         BLOCK_P = next_pow2(H*W) clamped to [16, that cap] and BLOCK_P * D_PAD <= 128 * 128.
-        D_PAD, K_PAD = next_pow2 of D and K, at least 16 (tl.dot's minimum). BLOCK_NC (classes per epilogue
-        step) = next_pow2(n_classes) clamped to [16, 128 * 128 // D_PAD].
-        num_warps = 8 when BLOCK_P * D_PAD >= 64 * 128, else 4.
+        BLOCK_NC (classes per epilogue step) = next_pow2(n_classes) clamped to [16, 128], and the classifier
+        tile BLOCK_NC * (D_PAD + 2 * K_PAD) <= 128 * 192 elements (64 * 192 for float32 weights).
+        num_warps = 8 when BLOCK_P * D_PAD >= 32 * 128, else 4.
 
     Hopper (H100/H200) choice and why (D = 128, K = 32, bf16/fp16 features, ResNet layer1/layer2 maps).
     No GPU was available when this was written, so the choice rests on compiling the kernel for sm_90a with
-    Triton 3.8 and reading ptxas' report and the SASS (``python bench/heads.py --sass``, no GPU needed):
+    Triton 3.8 and reading ptxas' report and the SASS (``python bench/proto_head.py --sass``, no GPU needed):
     - C <= 128 (ResNet18 layer1/2): BLOCK_P = 128, 8 warps = two warpgroups, each a wgmma tile of M = 64
       pixels by N = D = 128, BLOCK_C = 64 16-bit channels = one 128-byte row (a full swizzled shared-memory
       line; for channels_last one coalesced 128-byte segment per pixel). 254-255 registers, no spill,
@@ -81,20 +80,36 @@ def proto_head_launch_config(
     - Tensor cores in the input dtype for both dots: at (C + K) * D * 2 / (2 C) flops per byte (~190 at
       C = 64) the kernel is near Hopper's fp16 ridge (~200 on an H200); fp32 FMA dots would be compute-bound.
     - float32 features run the dots on FMA units (IEEE) and are a correctness path, not a fast one.
-    These are reasoned first choices, not measured ones; ``python bench/heads.py --sweep`` on a GPU times the
+    - No spill in any configuration the tests or benchmarks compile, nor for D = 256 or K = 128 / 256 (ptxas
+      for sm_90a with Triton 3.6, the GPU machine's, and 3.8). The earlier rule spilled 8-816 bytes where C
+      is not a multiple of BLOCK_C (the 2-D channel masks; worst at C = 40, 14x14, BLOCK_C = 64,
+      BLOCK_P = 128) and 2-2.7 KB for D = 256 or K = 128 with BLOCK_P = 64: hence the BLOCK_C that divides C,
+      the runtime channel loop and smaller tiles for masked channels and wide heads, 8 warps down to
+      BLOCK_P = 32 (4 warps spill there) and the classifier-tile bound (float32 weights at BLOCK_NC = 128
+      spilled ~400 bytes; K = 256 needed 340 KB of shared memory). Still spilling: D >= 512 (~0.6 KB at
+      BLOCK_P = 32), no default or tested head; its cost is local-memory traffic, not wrong results.
+    These are reasoned first choices, not measured ones; ``python bench/proto_head.py --sweep`` on a GPU times the
     neighbouring configurations.
     """
-    d_pad = max(16, _next_pow2(dim))
-    k_pad = max(16, _next_pow2(n_prototypes))
-    if dtype in (torch.float16, torch.bfloat16):
-        block_c = min(64, max(16, _next_pow2(in_channels)))
-        c_static = -(-in_channels // block_c) <= 2
+    d_pad = max(16, next_pow2(dim))
+    k_pad = max(16, next_pow2(n_prototypes))
+    wide = d_pad > 128 or k_pad > 32
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    block_c = min(64 if sixteen_bit else 32, max(16, next_pow2(in_channels)))
+    while block_c > 16 and in_channels % block_c:
+        block_c //= 2
+    even_c = in_channels % block_c == 0
+    if sixteen_bit:
+        c_static = even_c and not wide and -(-in_channels // block_c) <= 2
         p_cap, num_stages = (128 if c_static else 64), 3
-    else:  # float32: the dots run on FMA units (IEEE) or TF32; smaller tiles keep it free of spills
-        block_c = min(32, max(16, _next_pow2(in_channels)))
+    else:  # float32: the dots run on FMA units (IEEE) or TF32
         c_static = False
-        p_cap, num_stages = 64, 2
-    block_p = min(p_cap, max(16, _next_pow2(hw)), max(16, (128 * 128) // d_pad))
+        p_cap, num_stages = (64 if even_c else 32), 2
+    if wide:
+        p_cap = 32
+    block_p = min(p_cap, max(16, next_pow2(hw)), max(16, (128 * 128) // d_pad))
+    tile = (128 if sixteen_bit else 64) * 192 // (d_pad + 2 * k_pad)  # classifier tile budget, in classes
+    nc_cap = max(16, min(128, 1 << (tile.bit_length() - 1)))
     return {
         "BLOCK_P": block_p,
         "BLOCK_C": block_c,
@@ -102,8 +117,8 @@ def proto_head_launch_config(
         "C_STATIC": c_static,
         "D_PAD": d_pad,
         "K_PAD": k_pad,
-        "BLOCK_NC": min(max(16, _next_pow2(n_classes)), max(16, (128 * 128) // d_pad)),
-        "num_warps": 8 if block_p * d_pad >= 64 * 128 else 4,
+        "BLOCK_NC": min(max(16, next_pow2(n_classes)), nc_cap),
+        "num_warps": 8 if block_p * d_pad >= 32 * 128 else 4,
         "num_stages": num_stages,
     }
 
@@ -122,6 +137,17 @@ def _check(
         raise ValueError(f"features: expected a 4-D tensor [N, C, H, W], got {got}")
     if features.dtype not in _FEATURE_DTYPES:
         raise ValueError(f"features: expected a dtype in {[str(d) for d in _FEATURE_DTYPES]}, got {features.dtype}")
+    named = [
+        ("proj_weight", proj_weight),
+        ("proj_bias", proj_bias),
+        ("prototypes", prototypes),
+        ("cls_weight", cls_weight),
+        ("cls_bias", cls_bias),
+        ("thresholds", thresholds),
+    ]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if proj_weight.dim() != 2:
         raise ValueError(f"proj_weight: expected a 2-D tensor [D, C], got shape {list(proj_weight.shape)}")
     d, c = proj_weight.shape
@@ -143,41 +169,11 @@ def _check(
     if list(cls_bias.shape) != [nc]:
         raise ValueError(f"cls_bias: expected shape [{nc}], got {list(cls_bias.shape)}")
     check_thresholds(thresholds, nc)
-    named = [
-        ("proj_weight", proj_weight),
-        ("proj_bias", proj_bias),
-        ("prototypes", prototypes),
-        ("cls_weight", cls_weight),
-        ("cls_bias", cls_bias),
-        ("thresholds", thresholds),
-    ]
     for name, t in named:
         if t.device != features.device:
             raise ValueError(f"{name}: expected device {features.device} (that of features), got {t.device}")
         if not t.is_floating_point():
             raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
-
-
-def proto_head_exit_reference(
-    features: torch.Tensor,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor,
-    prototypes: torch.Tensor,
-    cls_weight: torch.Tensor,
-    cls_bias: torch.Tensor,
-    thresholds: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch twin of the fused kernel: the folded head in float32, then the exit rule.
-
-    Returns:
-        logits [N, n_classes] float32, exit [N] bool, pred [N] int64, conf [N] float32.
-    """
-    logits = folded_head_reference(
-        features.float(), proj_weight.float(), proj_bias.float(), prototypes.float(), cls_weight.float(),
-        cls_bias.float(),
-    )  # fmt: skip
-    exit_, pred, conf = exit_decision_reference(logits, thresholds)
-    return logits, exit_, pred, conf
 
 
 def _pixel_stride(x: torch.Tensor) -> int | None:
@@ -190,11 +186,17 @@ def _pixel_stride(x: torch.Tensor) -> int | None:
     return None
 
 
-def _sim_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Operand dtype of the similarity and classifier dots: float16 for 16-bit features (the kernel scales
-    their activations into [-1, 1]; the weights are gamma-scaled unit prototypes and classifier weights,
-    far below float16's 65504), float32 otherwise."""
-    return torch.float32 if dtype == torch.float32 else torch.float16
+def proto_head_operand_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes the kernel reads ``(proj_weight, proj_bias, prototypes, cls_weight, cls_bias)`` in, for
+    features of ``dtype``: the projection weight in the features' dtype; the prototypes and the classifier
+    weight (operands of the similarity and classifier dots) in float16 for 16-bit features (the kernel scales
+    their activations into [-1, 1]; the weights are gamma-scaled unit prototypes and classifier weights, far
+    below float16's 65504), float32 otherwise; the biases in float32.
+
+    ``FoldedPrototypeHead.operands(proto_head_operand_dtypes(features.dtype))`` gives them cast once per head.
+    """
+    sim = torch.float32 if dtype == torch.float32 else torch.float16
+    return (dtype, torch.float32, sim, sim, torch.float32)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -216,7 +218,7 @@ def _kernel_arguments(
 ) -> tuple[tuple, dict, tuple[torch.Tensor, ...]]:
     """Outputs, positional arguments and keyword arguments (constexprs, launch options) of one launch.
 
-    Device-agnostic (``bench/heads.py --sass`` uses it on CPU tensors to compile for a GPU target).
+    Device-agnostic (``bench/proto_head.py --sass`` uses it on CPU tensors to compile for a GPU target).
     ``config`` overrides entries of ``proto_head_launch_config`` (benchmark sweeps only).
     """
     n, c, h, w = features.shape
@@ -235,12 +237,9 @@ def _kernel_arguments(
         sp = _pixel_stride(x)
     dt = x.dtype
     # Dot operands as the module docstring says (projection in the features' dtype, the other dots in float16
-    # for 16-bit features); bias, classifier bias and thresholds in float32.
-    wq = proj_weight.to(dt)
-    pq = prototypes.to(_sim_dtype(dt))
-    bias = proj_bias.to(torch.float32)
-    cw = cls_weight.to(_sim_dtype(dt))
-    cb = cls_bias.to(torch.float32).contiguous()
+    # for 16-bit features); bias, classifier bias and thresholds in float32. No-ops for operands already cast.
+    operands = (proj_weight, proj_bias, prototypes, cls_weight, cls_bias)
+    wq, bias, pq, cw, cb = (t.to(d).contiguous() for t, d in zip(operands, proto_head_operand_dtypes(dt), strict=True))
     thr = thresholds.to(torch.float32).contiguous()
     cfg = proto_head_launch_config(c, h * w, d, k, nc, dt)
     if config:
@@ -276,7 +275,7 @@ def _launch_proto_head_exit(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the fused Triton kernel directly (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    ``config`` overrides entries of ``proto_head_launch_config`` (for ``bench/heads.py --sweep`` only).
+    ``config`` overrides entries of ``proto_head_launch_config`` (for ``bench/proto_head.py --sweep`` only).
     """
     _check(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
     if not (features.is_cuda or interpreting()):
@@ -312,29 +311,11 @@ def _proto_head_exit_op(
     return _launch_proto_head_exit(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
 
 
-@_proto_head_exit_op.register_kernel("cpu")
-def _proto_head_exit_cpu(
-    features: torch.Tensor,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor,
-    prototypes: torch.Tensor,
-    cls_weight: torch.Tensor,
-    cls_bias: torch.Tensor,
-    thresholds: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return proto_head_exit_reference(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
+_proto_head_exit_op.register_kernel("cpu", proto_head_exit_reference)
 
 
 @_proto_head_exit_op.register_fake
-def _proto_head_exit_fake(
-    features: torch.Tensor,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor,
-    prototypes: torch.Tensor,
-    cls_weight: torch.Tensor,
-    cls_bias: torch.Tensor,
-    thresholds: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _proto_head_exit_fake(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds):
     n = features.shape[0]
     nc = cls_weight.shape[0]
     return (
@@ -346,14 +327,23 @@ def _proto_head_exit_fake(
 
 
 def proto_head_exit(
-    features: torch.Tensor, folded: FoldedPrototypeHead, thresholds: torch.Tensor
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The branch head and its exit decision in one kernel on CUDA.
 
     Args:
         features: [N, C, H, W] branch-point feature map, float16/bfloat16/float32, contiguous or
             channels_last (other strides are copied to contiguous first).
-        folded: the head's inference form, ``PrototypePoolingHead.fold()``, on the features' device.
+        proj_weight, proj_bias, prototypes, cls_weight, cls_bias: the folded head's buffers ([D, C], [D],
+            [K, D], [n_classes, 2K + D], [n_classes]) on the features' device:
+            ``FoldedPrototypeHead.operands()``, or on CUDA ``operands(proto_head_operand_dtypes(features.dtype))``
+            (the same values the kernel reads, cast once per head instead of on every call).
         thresholds: [n_classes] per-class thresholds on the same device; ``+inf`` means never exit.
 
     Returns:
@@ -362,34 +352,11 @@ def proto_head_exit(
         pred: [N] int64 argmax of the logits (first maximum on ties).
         conf: [N] float32 maximum softmax probability.
 
-    CPU tensors use ``proto_head_exit_reference`` (the folded head in float32 + the exit rule).
+    CPU tensors use ``calexnet_fast.reference.proto_head_exit_reference`` (the folded head in float32 + the
+    exit rule).
     """
-    if not isinstance(folded, FoldedPrototypeHead):
-        raise ValueError(
-            f"folded: expected a calexnet_fast.heads.FoldedPrototypeHead (PrototypePoolingHead.fold()), "
-            f"got {type(folded).__name__}"
-        )
-    args = (folded.proj_weight, folded.proj_bias, folded.prototypes, folded.cls_weight, folded.cls_bias)
-    _check(features, *args, thresholds)
+    args = (features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
+    _check(*args)
     if features.is_cuda and not torch.compiler.is_compiling() and cuda_usable()[0]:
-        # Eager CUDA: the same launch the op's CUDA kernel does, minus the dispatcher's overhead, with the
-        # weights cast to the features' dtype once per head instead of on every call.
-        return _launch_proto_head_exit(features, *_cached_operands(folded, features.dtype), thresholds)
-    return torch.ops.calexnet_fast.proto_head_exit(features, *args, thresholds)
-
-
-_operand_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _cached_operands(folded: FoldedPrototypeHead, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """The folded head's buffers as the kernel reads them (dot operands in ``dtype``, the rest in float32),
-    cached per head and refreshed whenever a buffer is replaced or modified in place."""
-    bufs = (folded.proj_weight, folded.proj_bias, folded.prototypes, folded.cls_weight, folded.cls_bias)
-    key = (dtype, tuple((b.data_ptr(), b._version, b.device) for b in bufs))
-    hit = _operand_cache.get(folded)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    w, b, p, cw, cb = bufs
-    ops = (w.to(dtype), b.float(), p.to(_sim_dtype(dtype)), cw.to(_sim_dtype(dtype)), cb.float().contiguous())
-    _operand_cache[folded] = (key, ops)
-    return ops
+        return _launch_proto_head_exit(*args)  # what the op's CUDA kernel runs, minus the dispatcher's overhead
+    return torch.ops.calexnet_fast.proto_head_exit(*args)

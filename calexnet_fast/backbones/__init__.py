@@ -1,0 +1,57 @@
+"""Frozen CNN backbones split into stages at branch points (DESIGN.md §1, §2).
+
+A :class:`StagedBackbone` holds the stages ``S_0 .. S_K`` of a frozen network: branch ``k`` (1-based) reads
+the feature map ``f_k`` produced by stage ``k-1``, and the last stage ``S_K`` ends with the backbone's own
+pooling and classifier and returns logits. The cascades run the stages one by one on a shrinking batch.
+
+Modules:
+
+* :mod:`.staged`: :class:`FrozenStage` and :class:`StagedBackbone`.
+* :mod:`.placement`: cutting a list of named units at branch points, or at ``placement="flops"``.
+* :mod:`.torchvision`: :func:`resnet18`, :func:`resnet50` and :func:`from_torchvision`, torchvision ResNets
+  with the ImageNet stem or the usual CIFAR stem (3x3 stride-1 ``conv1``, no max-pool).
+* :mod:`.cifar`: :func:`cifar_resnet`, the CIFAR-10 ResNet-20/32/44/56 of He et al. (option-A shortcuts),
+  loading the checkpoints of ``pretrained/akamaster_resnet_cifar10``.
+* :mod:`.custom`: :func:`from_stages`, any model given as a list of stages plus a final classifier.
+* :mod:`.checkpoints`: reading weight files (``torch.load(weights_only=True)`` or safetensors) and checking
+  that they fit.
+* :mod:`.spec`: :class:`BackboneSpec` and :func:`build_backbone`, backbones by name (what run directories
+  store).
+* :mod:`.inference`: :func:`fold_batchnorm`, the inference form of frozen stages (BatchNorm folded into the
+  convolutions), for a backbone or a cascade.
+
+Nothing here downloads weights.
+"""
+
+from .cifar import (
+    CIFAR_RESNET_DEPTHS,
+    CifarResNet,
+    cifar_resnet,
+    find_pretrained_cifar_checkpoint,
+    load_cifar_resnet_checkpoint,
+)
+from .custom import from_stages
+from .inference import fold_batchnorm
+from .spec import TORCHVISION_ARCHS, BackboneSpec, build_backbone, cifar_depth, trainable_backbone
+from .staged import FrozenStage, StagedBackbone
+from .torchvision import from_torchvision, resnet18, resnet50
+
+__all__ = [
+    "CIFAR_RESNET_DEPTHS",
+    "TORCHVISION_ARCHS",
+    "BackboneSpec",
+    "CifarResNet",
+    "FrozenStage",
+    "StagedBackbone",
+    "build_backbone",
+    "cifar_depth",
+    "cifar_resnet",
+    "find_pretrained_cifar_checkpoint",
+    "fold_batchnorm",
+    "from_stages",
+    "from_torchvision",
+    "load_cifar_resnet_checkpoint",
+    "resnet18",
+    "resnet50",
+    "trainable_backbone",
+]

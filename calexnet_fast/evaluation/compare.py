@@ -1,0 +1,451 @@
+"""The compare engine: methods x seeds on one backbone and dataset, one feature cache, Pareto summary.
+
+:func:`run_compare` (``calexnet compare``) computes the backbone's branch features once per split (the
+feature cache), trains every method for every seed from them (CPM recipes: :func:`~calexnet_fast.recipes.
+train_branches`; baselines: :func:`~calexnet_fast.baselines.train_baseline`), calibrates on the validation
+split and sweeps the operating parameter on the test split (:mod:`.points`), and writes ``results.json``
+(every operating point, Pareto envelopes, accuracy at 30-70 % reduction, area, mean ± std over seeds),
+``pareto.png`` / ``pareto.svg`` and ``table.md`` to ``out``.
+
+Recipes that train identical heads share them (:func:`_training_key`), and recipes whose first branch
+trains identically share that head (:func:`_branch1_key`): same seed, same data order, same result.
+Everything trained goes to ``work_dir/runs/<name>_seed<seed>``; running the same configuration again resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import io
+from ..backbones import build_backbone
+from ..baselines import BASELINE_NAMES, BaselineConfig, ZTWHead, train_baseline
+from ..data import stratified_split
+from ..distributed import default_device, init_distributed
+from ..flops import FlopsProfile, head_flops, segment_flops
+from ..recipes import RECIPE_NAMES, head_logits, recipe, train_branches
+from ..run import CacheConfig, backbone_spec, dataset_record, load_splits, spec_normalization, versions
+from ..training import FitConfig, seed_everything
+from .pareto import AREA_RANGE, REDUCTIONS, aggregate, seed_summary, summarize
+from .points import SweepResult, parse_margins, sweep_cpm, sweep_global_threshold, threshold_grid
+from .report import plot_envelopes, results_table
+
+__all__ = ["CPM_METHODS", "DEFAULT_METHODS", "CompareConfig", "run_compare"]
+
+log = logging.getLogger(__name__)
+
+CPM_METHODS: tuple[str, ...] = RECIPE_NAMES
+DEFAULT_METHODS: tuple[str, ...] = (
+    "calexnet",
+    "reference",
+    "reference+weights",
+    "reference+kd",
+    "reference+aligned",
+    "pteenet",
+    "ztw",
+    "boostnet",
+)
+
+
+@dataclass
+class CompareConfig:
+    """Everything ``calexnet compare`` is told (the fields and defaults of its command-line options).
+
+    Output: ``out`` (results.json, pareto.png/.svg, table.md), ``work_dir`` (checkpoints and heads of every
+    method x seed; default ``out/work``). Data: as ``calexnet train`` (``dataset`` .. ``synthetic_classes``),
+    ``train_subset`` / ``subset_seed`` (a stratified subset of the training images). Backbone: ``backbone``
+    .. ``n_branches`` as ``calexnet train``. Methods: ``methods`` and ``seeds`` (comma lists), the head
+    (``head_dim``, ``n_prototypes``, ``cpm_head`` = ``"prototype"`` or ``"sdn"``), the CPM sweep
+    (``margins`` = ``START:STOP:COUNT`` or a comma list, ``margin_mode``, ``min_support``), the baselines'
+    threshold grid (``thresholds`` uniform points + ``threshold_quantiles`` validation quantiles) and ZTW's
+    second stage (``ztw_ensemble_epochs``). Optimisation, the same for every method and head: ``epochs`` ..
+    ``weight_decay``, ``lr_overrides`` (``METHOD=LR`` comma list), ``no_resume``. Feature cache: ``cache``
+    .. ``workers``. Execution: ``device``, ``threads``, ``quiet``.
+    """
+
+    out: str
+    dataset: str
+    work_dir: str | None = None
+    data_dir: str | None = None
+    val_size: float = 5000
+    split_seed: int = 0
+    image_size: int | None = None
+    synthetic_size: Sequence[int] = (512, 256, 256)
+    synthetic_classes: int = 10
+    train_subset: int | None = None
+    subset_seed: int = 0
+    backbone: str = "cifar_resnet56"
+    backbone_run: str | None = None
+    checkpoint: str | None = None
+    pretrained_dir: str | None = None
+    random_init: bool = False
+    stem: str = "cifar"
+    branch_points: Sequence[str] | None = None
+    n_branches: int | None = None
+    methods: str = ",".join(DEFAULT_METHODS)
+    seeds: str = "0,1,2"
+    head_dim: int = 128
+    n_prototypes: int = 32
+    cpm_head: str = "prototype"
+    margins: str = "0:1:101"
+    margin_mode: str = "additive"
+    min_support: int = 20
+    thresholds: int = 101
+    threshold_quantiles: int = 199
+    ztw_ensemble_epochs: int = 20
+    epochs: int = 30
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    lr_overrides: str = ""
+    weight_decay: float = 5e-4
+    no_resume: bool = False
+    cache: str = "memory"
+    cache_dir: str | None = None
+    cache_dtype: str = "float16"
+    feature_batch_size: int = 256
+    workers: int = 0
+    device: str | None = None
+    threads: int | None = None
+    quiet: bool = False
+
+
+def _training_key(rec) -> str:
+    """Recipes that train identical heads share them (``aligned`` and the m_train options only shape the
+    training weights, which ``weighting="none"`` does not use)."""
+    d = rec.to_json()
+    d.pop("name")
+    if d["weighting"] == "none":
+        for k in ("aligned", "m_train", "margin_mode", "min_support", "bar_from", "weight_temperature", "weight_floor"):
+            d.pop(k)
+    if not d["distill"]:
+        d.pop("kd_temperature")
+        d.pop("ce_weight")
+    return json.dumps(d, sort_keys=True)
+
+
+def _branch1_key(rec) -> str:
+    """What branch 1's training depends on: it always trains with weight 1, so recipes that differ only in
+    weighting or calibration train the very same first head (same seed, same data order)."""
+    d = {"distill": rec.distill, "ce_target": rec.ce_target, "head_dim": rec.head_dim, "n_prototypes": rec.n_prototypes}
+    if rec.distill:
+        d.update(kd_temperature=rec.kd_temperature, ce_weight=rec.ce_weight)
+    return json.dumps(d, sort_keys=True)
+
+
+def _share_branch1(donor: Path, run_dir: Path, rec, fit_cfg, run_config: dict) -> Path | None:
+    """Put the donor run's finished branch-1 head where ``train_branches`` resumes from (recorded under the
+    receiving run's own configuration, with ``shared_from`` naming the donor); None if nothing to share."""
+    src, dst = donor / "branch_1" / "head.safetensors", run_dir / "branch_1" / "head.safetensors"
+    if dst.is_file() or not src.is_file():
+        return None
+    tensors, cfg = io.load_state_file(src)
+    base = {"recipe": rec.to_json(), "fit": asdict(fit_cfg), **run_config}
+    io.save_state_file(dst, tensors, {**cfg, "run": base, "shared_from": str(src)})
+    return dst
+
+
+def _parse_lr_overrides(text: str, methods: Sequence[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if not sep or name.strip() not in methods or not lr > 0:
+            raise ValueError(
+                f"lr_overrides: expected METHOD=LR pairs with METHOD in {list(methods)} and LR > 0, got {part!r}"
+            )
+        out[name.strip()] = lr
+    return out
+
+
+def _methods_and_seeds(cfg: CompareConfig) -> tuple[list[str], list[int]]:
+    methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in CPM_METHODS and m not in BASELINE_NAMES]
+    if unknown or not methods:
+        raise ValueError(
+            f"methods: unknown {unknown or 'empty list'}; expected names from "
+            f"{list(CPM_METHODS) + list(BASELINE_NAMES)}"
+        )
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"seeds: expected a comma list of ints, got {cfg.seeds!r}") from None
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    return methods, seeds
+
+
+def _stack_logits(heads, cache, device) -> torch.Tensor:
+    return torch.stack([head_logits(h, cache, k, device=device) for k, h in enumerate(heads)])
+
+
+def _sdn_head(k: int, in_channels: int, n_classes: int):
+    return ZTWHead(in_channels, n_classes, cascading=False)
+
+
+class _CpmTrainer:
+    """Trains (or resumes, or shares) the CPM heads of one recipe and seed; what the sweeps need of them."""
+
+    def __init__(self, cfg: CompareConfig, work: Path, spec, dinfo: dict, bb, tr, va, te, device) -> None:
+        self.cfg, self.work, self.bb, self.tr, self.va, self.te, self.device = cfg, work, bb, tr, va, te, device
+        self.run_config = {"backbone": spec.to_json(), "dataset": {k: v for k, v in dinfo.items() if k != "data_dir"}}
+        if cfg.cpm_head != "prototype":
+            self.run_config["cpm_head"] = cfg.cpm_head
+        self.head_factory = _sdn_head if cfg.cpm_head == "sdn" else None
+        self.shared: dict[tuple[str, int], tuple] = {}
+        self.donors: dict[tuple[str, int], Path] = {}
+
+    def _train(self, rec, fit_cfg, run_dir: Path, resume: bool):
+        return train_branches(
+            self.tr,
+            self.va,
+            rec,
+            fit_cfg,
+            out_dir=run_dir,
+            resume=resume,
+            device=self.device,
+            progress=not self.cfg.quiet,
+            run_config=self.run_config,
+            head_factory=self.head_factory,
+        )
+
+    def logits(self, rec, fit_cfg, seed: int) -> tuple:
+        """(val branch logits, test branch logits, head FLOPs, name the heads were trained as)."""
+        key = (_training_key(rec), seed)
+        if key in self.shared:
+            return self.shared[key]
+        run_dir = self.work / "runs" / f"{rec.name}_seed{seed}"
+        b1 = (_branch1_key(rec), seed)
+        seeded = None
+        if b1 in self.donors and not self.cfg.no_resume:
+            seeded = _share_branch1(self.donors[b1], run_dir, rec, fit_cfg, self.run_config)
+        try:
+            bt = self._train(rec, fit_cfg, run_dir, resume=not self.cfg.no_resume)
+        except RuntimeError:
+            if seeded is None:
+                raise
+            seeded.unlink()  # the engine's resume format changed: train branch 1 after all
+            bt = self._train(rec, fit_cfg, run_dir, resume=True)
+        self.donors.setdefault(b1, run_dir)
+        hf = head_flops(bt.heads, self.bb)
+        va, te = _stack_logits(bt.heads, self.va, self.device), _stack_logits(bt.heads, self.te, self.device)
+        self.shared[key] = (va, te, hf, rec.name)
+        return self.shared[key]
+
+
+def _data_and_backbone(cfg: CompareConfig) -> tuple:
+    """(splits with the backbone's normalisation, dataset record, backbone spec, backbone)."""
+    dinfo = dataset_record(
+        cfg.dataset,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        split_seed=cfg.split_seed,
+        image_size=cfg.image_size,
+        synthetic_size=cfg.synthetic_size,
+        synthetic_classes=cfg.synthetic_classes,
+    )
+    splits = load_splits(dinfo)
+    spec = backbone_spec(
+        cfg.backbone,
+        splits.n_classes,
+        checkpoint=cfg.checkpoint,
+        backbone_run=cfg.backbone_run,
+        pretrained_dir=cfg.pretrained_dir,
+        random_init=cfg.random_init,
+        stem=cfg.stem,
+        branch_points=cfg.branch_points,
+        n_branches=cfg.n_branches,
+        input_size=cfg.image_size,
+    )
+    splits = splits.with_normalization(spec_normalization(spec))
+    try:
+        bb = build_backbone(spec)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"backbone {spec.arch}: {e}") from e
+    spec.branch_points, spec.n_branches = list(bb.branch_points), None
+    return splits, dinfo, spec, bb
+
+
+def run_compare(cfg: CompareConfig) -> int:
+    """``calexnet compare``: train and evaluate methods x seeds for one backbone and dataset.
+
+    Returns:
+        0; the results are in ``cfg.out``.
+
+    Raises:
+        ValueError: a configuration value, the dataset or the backbone cannot be used (the message says which).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    init_distributed()
+    t_start = time.time()
+    out = Path(cfg.out)
+    work = Path(cfg.work_dir) if cfg.work_dir else out / "work"
+    methods, seeds = _methods_and_seeds(cfg)
+    margins = parse_margins(cfg.margins)
+    lr_of = _parse_lr_overrides(cfg.lr_overrides, methods)
+    seed_everything(0)  # one (random-init) backbone for every seed and every rerun
+    splits, dinfo, spec, bb = _data_and_backbone(cfg)
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    if device.type == "cpu":  # NHWC convolutions are faster on CPU; the cached features are the same values
+        bb = bb.to(memory_format=torch.channels_last)
+    train_set = splits.train
+    if cfg.train_subset:
+        if not 0 < cfg.train_subset < len(train_set):
+            raise ValueError(f"train_subset: expected 1..{len(train_set) - 1}, got {cfg.train_subset}")
+        _, idx = stratified_split(train_set.labels, cfg.train_subset, seed=cfg.subset_seed)
+        train_set = train_set.subset(idx)
+        dinfo["train_subset"] = cfg.train_subset
+        dinfo["subset_seed"] = cfg.subset_seed
+    cache_cfg = CacheConfig(cfg.cache, cfg.cache_dir, cfg.cache_dtype, cfg.feature_batch_size, cfg.workers)
+    log.info(
+        f"compare {methods} x seeds {seeds} on {bb.name} (branch points {bb.branch_points}), {dinfo['name']}: "
+        f"{len(train_set)} train / {len(splits.val)} val / {len(splits.test)} test images, device {device}"
+    )
+    t0 = time.time()
+    train_name = "train" if not cfg.train_subset else f"train_subset{cfg.train_subset}_seed{cfg.subset_seed}"
+    tr, va, te = (
+        cache_cfg.build(bb, ds, name, work, device=device, progress=not cfg.quiet)
+        for ds, name in ((train_set, train_name), (splits.val, "val"), (splits.test, "test"))
+    )
+    t_features = time.time() - t0
+    seg = segment_flops(bb)
+    y_val, z_val = va.labels_tensor(), va.logits_tensor()
+    y_test, z_test = te.labels_tensor(), te.logits_tensor()
+    backbone_acc = float((z_test.argmax(1) == y_test).double().mean())
+    base_cfg = BaselineConfig(
+        head_dim=cfg.head_dim, n_prototypes=cfg.n_prototypes, ztw_ensemble_epochs=cfg.ztw_ensemble_epochs
+    )
+    cpm = _CpmTrainer(cfg, work, spec, dinfo, bb, tr, va, te, device)
+    sweeps: dict[str, list[SweepResult]] = {m: [] for m in methods}
+    timings: dict[str, list[float]] = {m: [] for m in methods}
+    for seed in seeds:
+        base_fit = FitConfig(
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            seed=seed,
+        )
+        for method in methods:
+            t1 = time.time()
+            fit_cfg = dataclasses.replace(base_fit, lr=lr_of.get(method, base_fit.lr))
+            if method in CPM_METHODS:
+                rec = recipe(
+                    method,
+                    head_dim=cfg.head_dim,
+                    n_prototypes=cfg.n_prototypes,
+                    margin_mode=cfg.margin_mode,
+                    min_support=cfg.min_support,
+                )
+                zv, zt, hf, trained_as = cpm.logits(rec, fit_cfg, seed)
+                sw = sweep_cpm(
+                    zv,
+                    z_val,
+                    y_val,
+                    zt,
+                    z_test,
+                    y_test,
+                    FlopsProfile(tuple(seg), tuple(hf)),
+                    margins,
+                    aligned=rec.aligned,
+                    margin_mode=rec.margin_mode,
+                    min_support=rec.min_support,
+                    bar_from=rec.bar_from,
+                    method=method,
+                    seed=seed,
+                )
+                sw.info = {"head_flops": hf, "heads_trained_as": trained_as}
+            else:
+                tb = train_baseline(
+                    method,
+                    tr,
+                    fit_cfg,
+                    segment_flops=seg,
+                    config=base_cfg,
+                    out_dir=work / "runs" / f"{method}_seed{seed}",
+                    resume=not cfg.no_resume,
+                    device=device,
+                    progress=not cfg.quiet,
+                )
+                ev, et = tb.exit_outputs(va, device=device), tb.exit_outputs(te, device=device)
+                grid = threshold_grid(ev.scores, cfg.thresholds, cfg.threshold_quantiles)
+                profile = FlopsProfile(tuple(seg), tuple(tb.head_flops))
+                sw = sweep_global_threshold(
+                    et.scores, et.preds, z_test, y_test, profile, grid, method=method, seed=seed
+                )
+                sw.info = {"head_flops": tb.head_flops}
+            sw.info["seconds"] = time.time() - t1
+            timings[method].append(sw.info["seconds"])
+            sweeps[method].append(sw)
+            s = seed_summary(sw)
+            log.info(
+                f"{method} seed {seed}: {sw.info['seconds']:.0f}s, acc@50% "
+                f"{s['accuracy_at']['0.5']:.4f}, area {s['area']:.4f}, max reduction {s['max_reduction']:.3f}"
+            )
+    summary = summarize(sweeps)
+    config = {
+        "command": "compare",
+        "argv": sys.argv,
+        "dataset": dinfo,
+        "backbone": spec.to_json(),
+        "branch_points": list(bb.branch_points),
+        "methods": methods,
+        "seeds": seeds,
+        "fit": {k: v for k, v in asdict(base_fit).items() if k != "seed"},
+        "lr_overrides": lr_of,
+        "cpm_head": cfg.cpm_head,
+        "head_dim": cfg.head_dim,
+        "n_prototypes": cfg.n_prototypes,
+        "margins": [float(margins[0]), float(margins[-1]), int(margins.numel())],
+        "margin_mode": cfg.margin_mode,
+        "min_support": cfg.min_support,
+        "thresholds": {"uniform": cfg.thresholds, "val_quantiles": cfg.threshold_quantiles},
+        "baselines": asdict(base_cfg),
+        "cache": cache_cfg.to_json(),
+        "work_dir": cfg.work_dir,
+        "versions": versions(),
+    }
+    results = {
+        "config": config,
+        "backbone": {
+            "test_accuracy": backbone_acc,
+            "val_accuracy": float((z_val.argmax(1) == y_val).double().mean()),
+            "segment_flops": seg,
+            "flops": float(sum(seg)),
+        },
+        "reductions": list(REDUCTIONS),
+        "area_range": list(AREA_RANGE),
+        "summary": summary,
+        "sweeps": {m: [s.to_json() for s in runs] for m, runs in sweeps.items()},
+        "seconds": {
+            "features": t_features,
+            "methods": {m: aggregate(v) for m, v in timings.items()},
+            "total": time.time() - t_start,
+        },
+    }
+    io.write_json(out / "results.json", results, indent=1)
+    title = (
+        f"{bb.name} on {dinfo['name']}, branches at {', '.join(bb.branch_points)}; "
+        f"mean ± std over seeds {','.join(map(str, seeds))}"
+    )
+    plot_envelopes(summary, [out / "pareto.png", out / "pareto.svg"], backbone_accuracy=backbone_acc, title=title)
+    table = results_table(summary)
+    io.write_text(out / "table.md", table)
+    log.info(f"done in {time.time() - t_start:.0f}s: {out / 'results.json'}, {out / 'pareto.png'}, {out / 'table.md'}")
+    print(table)
+    return 0

@@ -1,0 +1,237 @@
+"""What one ``calexnet measure`` call shares: its configuration, the decoded test images and the backbone's
+features on them (:class:`Session`), and its outputs: ``speed.json`` (:func:`payload`), ``speed.png`` /
+``speed.svg`` and ``speed_table.md`` (:func:`write_outputs`), resumed runs (:func:`previous_runs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import io
+from ..distributed import default_device
+from ..features import backbone_features, decode_images
+from .points import parse_margins, point_metrics
+from .report import margin_table, plot_speed, points_table, speed_table
+from .speed import frontiers, headline, measure_points
+from .timing import CPU_ENERGY_NOTE, PowerMeter, TimingConfig, environment, noisy
+
+__all__ = [
+    "DTYPES",
+    "MeasureConfig",
+    "Session",
+    "margin_list",
+    "payload",
+    "previous_runs",
+    "report",
+    "write_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NOTE = (
+    "test images decoded once into one normalised tensor; only the model work on batches of that tensor is "
+    "timed (no decoding or data loading); backbone alone and cascade run on the same batches, device, dtype "
+    "and memory format, in interleaved rounds (order alternating), median over rounds"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MARGINS = "0,0.05,0.1,0.15,0.2,0.3"
+DEFAULT_BASELINE_REDUCTIONS = "0.1,0.2,0.3,0.4,0.5"
+
+
+@dataclass
+class MeasureConfig:
+    """Everything ``calexnet measure`` is told (the fields and defaults of its command-line options).
+
+    Source, exactly one of: ``run`` (a run directory of ``calexnet train`` + ``calexnet calibrate``) or
+    ``compare`` (the output directory of ``calexnet compare``; with ``work_dir``, ``methods``, ``seeds`` as
+    comma lists, default: all it ran). Points: ``margins`` (a comma list, ``START:STOP:COUNT`` or ``"all"``;
+    a run measures the calibrated margins closest to these), ``baseline_reductions`` (per target FLOPs
+    reduction, the baseline's Pareto-envelope point nearest to it), ``baseline_losses`` (per accuracy loss,
+    the envelope point with the largest reduction within it). Output: ``out`` (default: the source). Timing:
+    ``batch_size``, ``repeats``, ``warmup``, ``timing_images`` (0: all), ``max_extra_rounds``, ``dtype``
+    (a key of :data:`DTYPES`), ``channels_last`` (``None``: on). ``max_loss``: the headline's accuracy loss.
+    ``resume``: keep runs already in ``out/speed.json`` measured alike. ``render``: measure nothing, redo
+    summary, figure and table from ``speed.json``. ``data_dir``: the dataset if it moved. Execution:
+    ``device``, ``threads``, ``quiet``.
+    """
+
+    run: str | None = None
+    compare: str | None = None
+    work_dir: str | None = None
+    methods: str | None = None
+    seeds: str | None = None
+    margins: str = DEFAULT_MARGINS
+    baseline_reductions: str = DEFAULT_BASELINE_REDUCTIONS
+    baseline_losses: str = ""
+    out: str | None = None
+    batch_size: int = 256
+    repeats: int = 5
+    warmup: int = 1
+    timing_images: int = 0
+    max_extra_rounds: int = 4
+    dtype: str = "float32"
+    channels_last: bool | None = None
+    max_loss: float = 0.01
+    resume: bool = False
+    render: bool = False
+    data_dir: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.compare is None):
+            raise ValueError(
+                f"run, compare: expected exactly one of them, got run={self.run!r}, compare={self.compare!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def margin_list(text: str) -> list[float] | None:
+    """The margins of ``MeasureConfig.margins`` (``None`` for ``"all"``)."""
+    if text.strip() == "all":
+        return None
+    return [float(v) for v in parse_margins(text)]
+
+
+def _prepare(model: nn.Module, device, dtype, channels_last: bool) -> nn.Module:
+    model = model.eval().to(device=device, dtype=dtype)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+class Session:
+    """What every run of one ``calexnet measure`` call shares: device, images, backbone and its features."""
+
+    def __init__(self, cfg: MeasureConfig, bb, splits) -> None:
+        self.device = torch.device(cfg.device) if cfg.device else default_device()
+        self.dtype = DTYPES[cfg.dtype]
+        self.channels_last = True if cfg.channels_last is None else bool(cfg.channels_last)
+        self.timing = TimingConfig(
+            cfg.batch_size,
+            cfg.repeats,
+            cfg.warmup,
+            cfg.timing_images or None,
+            max_extra_rounds=cfg.max_extra_rounds,
+        )
+        self.progress = not cfg.quiet
+        self.bb = _prepare(bb, self.device, self.dtype, self.channels_last)
+        t0 = time.time()
+        x, y = decode_images(splits.test)
+        x = x.to(self.device, self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.images, self.labels = x, y
+        log.info(f"decoded {x.shape[0]} test images into one tensor {list(x.shape)} in {time.time() - t0:.1f}s")
+        t0 = time.time()
+        self.test = backbone_features(self.bb, x, cfg.batch_size, self.progress)
+        self.test.labels = y
+        self.backbone_accuracy = float((self.test.logits_tensor().argmax(1) == y).double().mean())
+        log.info(
+            f"backbone features of the test images in {time.time() - t0:.1f}s; accuracy {self.backbone_accuracy:.4f}"
+        )
+
+    def measure(self, cascade, thresholds, profile, params, expected, desc) -> list[dict]:
+        cascade = _prepare(cascade, self.device, self.dtype, False)
+        return measure_points(
+            cascade,
+            self.bb,
+            self.images,
+            self.labels,
+            [t.to(self.device) for t in thresholds],
+            profile,
+            params=params,
+            expected=expected,
+            config=self.timing,
+            progress=self.progress,
+            desc=desc,
+        )
+
+    def simulated(self, profile, expected) -> list[dict]:
+        """Accuracy and FLOPs reduction of the simulated evaluation at each point (``expected``'s decisions)."""
+        return [
+            {k: v for k, v in point_metrics(pred, ex, self.labels, profile).items() if k != "exit_fractions"}
+            for pred, ex in expected
+        ]
+
+
+def write_outputs(out: Path, payload: dict, title: str) -> None:
+    """``speed.json`` and, with any run in it, ``speed.png`` / ``speed.svg`` and ``speed_table.md``."""
+    payload["title"] = title
+    io.write_json(out / "speed.json", payload, indent=1)
+    if payload["runs"]:
+        plot_speed(
+            payload["runs"],
+            [out / "speed.png", out / "speed.svg"],
+            backbone_accuracy=payload["backbone"]["test_accuracy"],
+            title=title,
+        )
+        tables = [speed_table(payload["summary"]), margin_table(payload["runs"]), points_table(payload["runs"])]
+        io.write_text(out / "speed_table.md", "\n".join(tables))
+
+
+def payload(cfg: MeasureConfig, session: Session, runs: list[dict], source: dict, t_start: float) -> dict:
+    """The content of ``speed.json``."""
+    bb_ips = [p["images_per_s"]["backbone"] for r in runs for p in r["points"]]
+    return {
+        "command": "measure",
+        "argv": sys.argv,
+        "source": source,
+        "pipeline": PIPELINE_NOTE,
+        "energy": PowerMeter(session.device).reason if session.device.type == "cuda" else CPU_ENERGY_NOTE,
+        "timing": asdict(session.timing),
+        "dtype": cfg.dtype,
+        "channels_last": session.channels_last,
+        "environment": environment(session.device),
+        "backbone": {
+            "test_accuracy": session.backbone_accuracy,
+            "n_test": int(session.labels.shape[0]),
+            "images_per_s_median_over_points": statistics.median(bb_ips) if bb_ips else None,
+        },
+        "summary": headline(runs, session.backbone_accuracy, cfg.max_loss),
+        "frontiers": frontiers(runs),
+        "runs": runs,
+        "seconds": time.time() - t_start,
+    }
+
+
+def previous_runs(out: Path, cfg: MeasureConfig, session: Session) -> dict:
+    """With ``resume``: the runs of ``out/speed.json`` measured with the same timing and dtype, and settled."""
+    path = out / "speed.json"
+    if not cfg.resume or not path.is_file():
+        return {}
+    old = io.read_json(path, "speed.json")
+    timing = session.timing
+    same = ("batch_size", "repeats", "warmup", "timing_images", "timing_seed")
+    if any((old.get("timing") or {}).get(k) != getattr(timing, k) for k in same) or old.get("dtype") != cfg.dtype:
+        return {}
+
+    def settled(run: dict) -> bool:
+        # a point whose rounds were disturbed and that did not get every extra round is measured again
+        return all(
+            not noisy(p["seconds_per_round"], timing.noise_tolerance)
+            or len(p["seconds_per_round"]["backbone"]) >= timing.repeats + timing.max_extra_rounds
+            for p in run["points"]
+        )
+
+    return {(r["method"], r["seed"]): r for r in old.get("runs", []) if settled(r)}
+
+
+def report(result: dict, out: Path, quiet: bool) -> None:
+    """Print the points and the headline (unless ``quiet``) and say where the results are."""
+    if not quiet:
+        print(
+            f"backbone accuracy {result['backbone']['test_accuracy']:.4f}, "
+            f"{result['backbone']['images_per_s_median_over_points']:.0f} images/s (median over points)"
+        )
+        print(points_table(result["runs"]))
+        print(speed_table(result["summary"]))
+    log.info(f"results in {out / 'speed.json'}, {out / 'speed.png'}, {out / 'speed_table.md'}")
