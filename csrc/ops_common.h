@@ -1,11 +1,13 @@
 // Shared argument checks and row-layout logic of the calexnet_fast batch ops (CPU and CUDA).
 //
-// Semantics (identical on both devices; the Python reference twins in calexnet_fast/ops.py match them):
+// Semantics (identical on both devices; the Python reference twins in calexnet_fast/reference.py match them):
 //   compact(x, mask) -> (rows, index): rows = x[mask] as a new tensor, index = int64 positions of the
 //     true entries in increasing order. Rows keep x's per-row layout when it is contiguous or
 //     channels_last (4-D); any other layout is made contiguous first.
 //   scatter_rows_(out, src, index): out[index[j]] = src[j]. Every index must lie in [0, out.size(0)),
 //     otherwise the op raises before writing anything. With duplicate indices the LAST occurrence wins.
+//     src (and index) may share memory with out: they are read as they were before the call. An out whose
+//     elements share memory (expanded, overlapping strides) is refused.
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -14,10 +16,12 @@
 #include <torch/headeronly/core/MemoryFormat.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace calexnet_fast {
@@ -160,6 +164,63 @@ inline std::vector<int64_t> sizes_with_batch(const Tensor& t, int64_t n) {
 inline Tensor new_rows_like(const Tensor& t, int64_t n, MemoryFormat fmt) {
   auto sizes = sizes_with_batch(t, n);
   return torch::stable::empty(sizes, t.scalar_type(), std::nullopt, t.device(), std::nullopt, fmt);
+}
+
+inline std::string strides_str(const Tensor& t) {
+  std::ostringstream oss;
+  oss << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) oss << (d ? ", " : "") << t.stride(d);
+  oss << "]";
+  return oss.str();
+}
+
+// Whether two elements of t may share memory (an expanded or otherwise overlapping view). Sufficient test
+// for "they do not": over the dims of size > 1 sorted by stride, each stride exceeds the largest offset the
+// smaller-stride dims reach. calexnet_fast.reference.elements_may_share_memory is the same test.
+inline bool elements_may_share_memory(const Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // largest element offset reached by the dims so far
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return true;
+    span += stride * (size - 1);
+  }
+  return false;
+}
+
+// Whether the memory a and b may touch intersects (their [first, last] byte ranges overlap).
+inline bool may_overlap(const Tensor& a, const Tensor& b) {
+  auto range = [](const Tensor& t, uintptr_t* lo, uintptr_t* hi) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (t.size(d) == 0) return false;
+      last += (t.size(d) - 1) * t.stride(d);
+    }
+    *lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+    *hi = *lo + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size())) - 1;
+    return true;
+  };
+  uintptr_t alo, ahi, blo, bhi;
+  if (!range(a, &alo, &ahi) || !range(b, &blo, &bhi)) return false;
+  return alo <= bhi && blo <= ahi;
+}
+
+// scatter_rows_ writes every element of `out` once at most: an `out` whose elements share memory is refused
+// (the reference twin refuses it too), before the indices are checked.
+inline void check_scatter_out(const Tensor& out) {
+  CALEX_CHECK(!elements_may_share_memory(out),
+              "scatter_rows_: out: expected a tensor whose elements do not share memory, got shape "
+                  << shape_str(out) << " with strides " << strides_str(out)
+                  << " (an expanded or overlapping view); write into out.clone() instead");
+}
+
+// `t` itself, or a copy of it when it may overlap `out`: what scatter_rows_ reads must not change while it
+// writes `out` (a src that overlaps out would otherwise be read after some of its rows were overwritten).
+inline Tensor unaliased(const Tensor& t, const Tensor& out) {
+  return may_overlap(out, t) ? torch::stable::clone(t) : t;
 }
 
 inline std::string out_of_range_msg(int64_t j, int64_t v, int64_t rows) {

@@ -75,9 +75,11 @@ std::vector<int64_t> winning_positions(const Tensor& index, int64_t rows, std::v
 
 void scatter_rows__cpu(Tensor out, Tensor src, Tensor index) {
   check_scatter_args(out, src, index);
-  std::vector<int64_t> targets;
+  check_scatter_out(out);
+  std::vector<int64_t> targets;  // read in full before anything is written: index may alias out
   const std::vector<int64_t> src_pos = winning_positions(index, out.size(0), &targets);
   if (src_pos.empty()) return;
+  src = unaliased(src, out);
 
   MemoryFormat fmt;
   const bool out_dense = row_format(out, &fmt);

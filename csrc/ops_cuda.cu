@@ -27,9 +27,17 @@ namespace {
                                                                          << " (" #expr ")");    \
   } while (0)
 
+// STABLE_TORCH_ERROR_CODE_CHECK (with the shim's error message) exists from torch 2.13; the header-only
+// TORCH_ERROR_CODE_CHECK in every torch >= 2.10.
+#ifdef STABLE_TORCH_ERROR_CODE_CHECK
+#define CALEX_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
+#else
+#define CALEX_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
+
 cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  CALEX_SHIM_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
   return static_cast<cudaStream_t>(stream);
 }
 
@@ -38,9 +46,11 @@ Tensor scratch_bytes(const Tensor& like, int64_t bytes) {
 }
 
 // dst row r (dense, row_vecs vectors) <- src row src_rows[r]; dst row dst_rows[r] when dst_rows is given.
-// Rows with keep[r] == false (when keep is given) are skipped.
+// Rows r with winner[dst row] != r (when winner is given) are skipped. dst and src are plain pointers, not
+// __restrict__: the callers never pass overlapping ones, and a read through the read-only (non-coherent)
+// cache would be wrong if they ever did.
 template <typename V>
-__global__ void copy_rows_kernel(V* __restrict__ dst, const V* __restrict__ src,
+__global__ void copy_rows_kernel(V* dst, const V* src,
                                  const int64_t* __restrict__ dst_rows, const int64_t* __restrict__ src_rows,
                                  const int64_t* __restrict__ winner, int64_t n, int64_t row_vecs,
                                  int64_t dst_stride_vecs, int64_t src_stride_vecs) {
@@ -162,11 +172,14 @@ unsigned blocks_for(int64_t n, int threads) {
 
 void scatter_rows__cuda(Tensor out, Tensor src, Tensor index) {
   check_scatter_args(out, src, index);
+  check_scatter_out(out);
   const int64_t n = index.size(0);
   if (n == 0) return;
   torch::stable::accelerator::DeviceGuard guard(out.get_device_index());
   cudaStream_t stream = current_stream(out);
-  index = torch::stable::contiguous(index);
+  // The copy kernel reads index and src while it writes out: read copies where they may overlap it.
+  index = unaliased(torch::stable::contiguous(index), out);
+  src = unaliased(src, out);
   const int64_t rows = out.size(0);
 
   // winner[v] = last j with index[j] == v; first_bad = first position with an out-of-range value.
@@ -184,7 +197,8 @@ void scatter_rows__cuda(Tensor out, Tensor src, Tensor index) {
   CALEX_CUDA_CHECK(cudaStreamSynchronize(stream));
   if (bad != kNoError) {
     int64_t value = 0;
-    CALEX_CUDA_CHECK(cudaMemcpy(&value, idx + bad, sizeof(int64_t), cudaMemcpyDeviceToHost));
+    CALEX_CUDA_CHECK(cudaMemcpyAsync(&value, idx + bad, sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
+    CALEX_CUDA_CHECK(cudaStreamSynchronize(stream));
     CALEX_CHECK(false, out_of_range_msg(bad, value, rows));
   }
 

@@ -75,6 +75,14 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that takes ``kernel_device`` launches a kernel, whether or not its author wrote the marker: the
+    # interpreter runs and bench/gpu_check.sh select kernel tests by it.
+    for item in items:
+        if "kernel_device" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("kernel"):
+            item.add_marker(pytest.mark.kernel)
+
+
 # bench/gpu_check.sh sets CALEXNET_REQUIRE_GPU=1: there, a CUDA or kernel test that cannot run fails instead of
 # skipping, so that a GPU run never passes by testing nothing.
 REQUIRE_GPU = os.environ.get("CALEXNET_REQUIRE_GPU") == "1"

@@ -147,6 +147,22 @@ def test_scatter_out_sharing_memory_raises(device):
         assert torch.equal(view, _scatter_expected(torch.zeros(4, 3, device=device), src, torch.tensor([3, 1])))
 
 
+@pytest.mark.needs_cuda
+def test_out_of_range_index_named_from_a_side_stream():
+    """The bad index value is read back on the current stream (here a side stream, busy until just before),
+    not on the legacy default stream, and nothing is written."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        big = torch.randn(2048, 2048, device="cuda")
+        for _ in range(4):
+            big = torch.tanh(big @ big)  # keep the stream busy while the index is made behind it
+        index = torch.tensor([0, 7, 2], device="cuda") + (big[0, :3] * 0).long()
+        out = torch.zeros(4, 3, device="cuda")
+        with pytest.raises((ValueError, RuntimeError), match=r"index\[1\] = 7"):
+            scatter_rows_(out, torch.ones(3, 3, device="cuda"), index)
+        assert torch.count_nonzero(out) == 0
+
+
 def test_elements_may_share_memory_is_sound():
     """The overlap test shared by the op and its twin never calls an overlapping layout free of overlap, and the
     op and the twin agree (same answer, or both refuse) on random strided views, src a view of the same

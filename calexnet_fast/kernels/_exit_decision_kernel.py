@@ -7,6 +7,36 @@ import triton
 import triton.language as tl
 
 
+# Steps both online softmaxes below share (inlined by Triton: the compiled kernels are the same as written out).
+
+
+@triton.jit
+def _without_nan(z, valid):
+    """(``z`` with NaN and invalid entries set to -inf, where ``z`` is NaN)."""
+    isnan = z != z
+    return tl.where(valid & (~isnan), z, float("-inf")), isnan
+
+
+@triton.jit
+def _rescale(m, new_m):
+    """``exp(m - new_m)``, the factor of a running sum whose max moves from ``m`` to ``new_m``; 0 while ``m``
+    is -inf (nothing summed yet), so that an +inf maximum gives inf - inf = NaN, as torch.softmax does."""
+    return tl.where(m == float("-inf"), 0.0, tl.exp(m - new_m))
+
+
+@triton.jit
+def _shifted_exp(zc, new_m):
+    """``exp(zc - new_m)``; -inf entries contribute 0."""
+    return tl.where(zc == float("-inf"), 0.0, tl.exp(zc - new_m))
+
+
+@triton.jit
+def _max_probability(mx, ssum, has_nan):
+    """The max softmax probability ``1 / ssum``; NaN where the row has a NaN or is all -inf."""
+    conf = tl.where(mx == float("-inf"), float("nan"), 1.0 / ssum)
+    return tl.where(has_nan, float("nan"), conf)
+
+
 @triton.jit
 def softmax_argmax_update(z, valid, c0, m, s, idx, nan_idx, BLOCK: tl.constexpr):
     """Fold one chunk of logits into a running (max, sum of exp, argmax, first NaN column) per row.
@@ -21,17 +51,13 @@ def softmax_argmax_update(z, valid, c0, m, s, idx, nan_idx, BLOCK: tl.constexpr)
         nan_idx: [R] int32 first NaN column, or a value >= n_classes when none yet.
     """
     cols = c0 + tl.arange(0, BLOCK)
-    isnan = z != z
-    zc = tl.where(valid & (~isnan), z, float("-inf"))
+    zc, isnan = _without_nan(z, valid)
     cm = tl.max(zc, axis=1)
     ci = tl.argmax(zc, axis=1, tie_break_left=True)
     # Strictly greater: on ties an earlier chunk (smaller index) wins, as in torch.argmax.
     idx = tl.where(cm > m, c0 + ci, idx)
     new_m = tl.maximum(m, cm)
-    # -inf entries contribute 0; an +inf maximum gives inf - inf = NaN, as torch.softmax does.
-    scale = tl.where(m == float("-inf"), 0.0, tl.exp(m - new_m))
-    e = tl.where(zc == float("-inf"), 0.0, tl.exp(zc - new_m[:, None]))
-    s = s * scale + tl.sum(e, axis=1)
+    s = s * _rescale(m, new_m) + tl.sum(_shifted_exp(zc, new_m[:, None]), axis=1)
     nan_cols = tl.where(isnan & valid, cols[None, :], 2147483647)
     nan_idx = tl.minimum(nan_idx, tl.min(nan_cols, axis=1))
     return new_m, s, idx, nan_idx
@@ -43,9 +69,7 @@ def softmax_argmax_finish(m, s, idx, nan_idx, n_classes):
     probability 1 / sum(exp(z - max)); NaN when the row has a NaN, an +inf, or is all -inf."""
     has_nan = nan_idx < n_classes
     pred = tl.where(has_nan, nan_idx, idx)
-    conf = tl.where(m == float("-inf"), float("nan"), 1.0 / s)
-    conf = tl.where(has_nan, float("nan"), conf)
-    return pred, conf
+    return pred, _max_probability(m, s, has_nan)
 
 
 @triton.jit
@@ -53,13 +77,10 @@ def softmax_slots_update(z, valid, cols, m, s, idx, nan_idx):
     """Like ``softmax_argmax_update`` but per slot (column) of the chunk, with no cross-thread reduction:
     every state tensor has the chunk's shape [R, B] and slot j sees classes j, j + B, j + 2B, ... in
     ascending order. ``softmax_slots_finish`` combines the slots once at the end."""
-    isnan = z != z
-    zc = tl.where(valid & (~isnan), z, float("-inf"))
+    zc, isnan = _without_nan(z, valid)
     idx = tl.where(zc > m, cols, idx)  # strictly greater: the slot keeps its first maximum
     new_m = tl.maximum(m, zc)
-    scale = tl.where(m == float("-inf"), 0.0, tl.exp(m - new_m))
-    e = tl.where(zc == float("-inf"), 0.0, tl.exp(zc - new_m))
-    s = s * scale + e
+    s = s * _rescale(m, new_m) + _shifted_exp(zc, new_m)
     nan_idx = tl.minimum(nan_idx, tl.where(isnan & valid, cols, 2147483647))
     return new_m, s, idx, nan_idx
 
@@ -76,9 +97,7 @@ def softmax_slots_finish(m, s, idx, nan_idx, n_classes):
     nan_first = tl.min(nan_idx, axis=1)
     has_nan = nan_first < n_classes
     pred = tl.where(has_nan, nan_first, pred)
-    conf = tl.where(mx == float("-inf"), float("nan"), 1.0 / ssum)
-    conf = tl.where(has_nan, float("nan"), conf)
-    return pred, conf
+    return pred, _max_probability(mx, ssum, has_nan)
 
 
 @triton.jit

@@ -81,7 +81,8 @@ def proto_head_launch_config(
       C = 64) the kernel is near Hopper's fp16 ridge (~200 on an H200); fp32 FMA dots would be compute-bound.
     - float32 features run the dots on FMA units (IEEE) and are a correctness path, not a fast one.
     - No spill in any configuration the tests or benchmarks compile, nor for D = 256 or K = 128 / 256 (ptxas
-      for sm_90a with Triton 3.6, the GPU machine's, and 3.8). The earlier rule spilled 8-816 bytes where C
+      for sm_90a with Triton 3.6, the GPU machine's, and 3.8, each configuration compiled as
+      ``bench/proto_head.py --sass`` does). The earlier rule spilled 8-816 bytes where C
       is not a multiple of BLOCK_C (the 2-D channel masks; worst at C = 40, 14x14, BLOCK_C = 64,
       BLOCK_P = 128) and 2-2.7 KB for D = 256 or K = 128 with BLOCK_P = 64: hence the BLOCK_C that divides C,
       the runtime channel loop and smaller tiles for masked channels and wide heads, 8 warps down to
