@@ -12,7 +12,6 @@ torch.compile are timed (median wall time of a few runs).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from functools import partial
@@ -23,17 +22,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
-from kernel_timing import KernelTimer, copy_bandwidth  # noqa: E402
+from kernel_timing import bench_parser, cell, compile_static, kernel_result, kernel_row, timer_and_bandwidth  # noqa: E402
 
-from calexnet_fast.evaluation.timing import environment  # noqa: E402
 from calexnet_fast.exit_rule import exit_decision_reference  # noqa: E402
 from calexnet_fast.kernels import exit_decision, triton_status  # noqa: E402
 
 EXIT_CLASSES = [10, 100, 1000]
-
-
-def _compile(fn):
-    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 def bench_exit(device, timer, fused_ok, peak_bw, n_rows_list) -> list[dict]:
@@ -42,31 +36,15 @@ def bench_exit(device, timer, fused_ok, peak_bw, n_rows_list) -> list[dict]:
     for n, c in tqdm(cases, desc="exit_decision", disable=None):
         z = torch.randn(n, c, device=device) * 3
         thr = torch.full((c,), 0.5, device=device)
-        compiled = partial(_compile(exit_decision_reference), z, thr)
+        compiled = partial(compile_static(exit_decision_reference), z, thr)
         compiled()
         times = {"eager": timer(partial(exit_decision_reference, z, thr)), "compile": timer(compiled)}
         if fused_ok:
             assert torch.equal(exit_decision(z, thr)[1], exit_decision_reference(z, thr)[1])
             times["fused"] = timer(partial(exit_decision, z, thr))
         nbytes = z.numel() * z.element_size()
-        row = {
-            "N": n,
-            "classes": c,
-            "logit_bytes": nbytes,
-            "ms": {k: v * 1e3 for k, v in times.items()},
-            "GBps": {k: nbytes / v / 1e9 for k, v in times.items()},
-        }
-        if peak_bw:
-            row["pct_of_copy_bw"] = {k: 100 * nbytes / v / 1e9 / peak_bw for k, v in times.items()}
-        if "fused" in times:
-            row["speedup_vs_eager"] = times["eager"] / times["fused"]
-            row["speedup_vs_compile"] = times["compile"] / times["fused"]
-        rows.append(row)
+        rows.append(kernel_row({"N": n, "classes": c, "logit_bytes": nbytes}, times, nbytes, peak_bw))
     return rows
-
-
-def _fmt(d: dict, key: str, spec: str = ".3f") -> str:
-    return format(d[key], spec) if key in d else "-"
 
 
 def print_table(exit_rows) -> None:
@@ -77,18 +55,14 @@ def print_table(exit_rows) -> None:
     for r in exit_rows:
         ms = r["ms"]
         line = f"{r['N']:>8}{r['classes']:>8}  {ms['eager']:>9.4f}{ms['compile']:>11.4f}"
-        line += f"{_fmt(ms, 'fused', '.4f'):>9}"
-        line += f"{_fmt(r, 'speedup_vs_eager', '.2f'):>8}{_fmt(r, 'speedup_vs_compile', '.2f'):>10}"
+        line += f"{cell(ms, 'fused', '.4f'):>9}"
+        line += f"{cell(r, 'speedup_vs_eager', '.2f'):>8}{cell(r, 'speedup_vs_compile', '.2f'):>10}"
         print(line)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser = bench_parser(__doc__, repeats="CPU timing repeats")
     parser.add_argument("--rows", type=int, nargs="+", default=None, help="N (default 256 65536 on CUDA, 256 on CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="CPU timing repeats")
-    parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -97,20 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not fused_ok:
         print("Triton cannot run here; benchmarking the eager exit rule and torch.compile only.")
     print(f"triton: {how}")
-    timer = KernelTimer(device, args.repeats or (3 if args.quick else 5))
-    peak_bw = copy_bandwidth(device, timer)
-    print(f"measured copy bandwidth: {peak_bw:.0f} GB/s ({device})")
+    timer, peak_bw = timer_and_bandwidth(device, args.repeats or (3 if args.quick else 5))
     n_rows = args.rows or (([256] if args.quick else [256, 65536]) if cuda else [256])
     exit_rows = bench_exit(device, timer, fused_ok, peak_bw, n_rows)
     print_table(exit_rows)
-    result = {
-        "environment": environment(device),
-        "triton_status": how,
-        "fused_measured": fused_ok,
-        "copy_bandwidth_GBps": peak_bw,
-        "command": " ".join(["python", "bench/exit_decision.py", *(argv if argv is not None else sys.argv[1:])]),
-        "exit_decision": exit_rows,
-    }
+    result = kernel_result("bench/exit_decision.py", argv, device, how, fused_ok, peak_bw, exit_decision=exit_rows)
     write_json(args.json, result)
     return result
 

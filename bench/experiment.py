@@ -52,12 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _exit_data(args: argparse.Namespace, results: dict, method: str, seed: int, cache):
     """``("cpm", branch logits [K, N, C])`` or ``("global", ExitOutputs)`` of a trained method on ``cache``."""
-    import torch
-
     from calexnet_fast.baselines import BaselineConfig, ZTWHead, exit_outputs, make_baseline
+    from calexnet_fast.features import branch_logits
     from calexnet_fast.heads import PrototypePoolingHead
     from calexnet_fast.io import load_state_file
-    from calexnet_fast.recipes import head_logits
 
     cfg = results["config"]
     shapes = cache.branch_shapes
@@ -77,7 +75,7 @@ def _exit_data(args: argparse.Namespace, results: dict, method: str, seed: int, 
             h = PrototypePoolingHead(s[0], cache.n_classes, dim=cfg["head_dim"], n_prototypes=cfg["n_prototypes"])
         h.load_state_dict(tensors)
         heads.append(h.eval())
-    return "cpm", torch.stack([head_logits(h, cache, k) for k, h in enumerate(heads)])
+    return "cpm", branch_logits(heads, cache)
 
 
 def per_exit(args: argparse.Namespace) -> int:

@@ -1,13 +1,28 @@
 """What the op and kernel benchmarks (compact, scatter_rows, exit_decision, proto_head) share besides the
-timing harness: a per-kernel timer and the measured copy bandwidth, their roofline."""
+timing harness: their common options, a per-kernel timer and the measured copy bandwidth (their roofline),
+and the result rows, tables and JSON of the op benchmarks (torch candidates vs the op) and of the kernel
+benchmarks (the fused Triton kernel vs its eager reference and torch.compile)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Callable
 
 import torch
+from common import write_json
 
-from calexnet_fast.evaluation.timing import median_time
+from calexnet_fast.evaluation.timing import environment, median_time
+
+
+def bench_parser(description: str, quick: str = "fewer sizes and repeats", repeats: str | None = None):
+    """The options every op and kernel benchmark takes: ``--device``, ``--quick``, ``--repeats``, ``--json``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--repeats", type=int, default=None, help=repeats)
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser
 
 
 class KernelTimer:
@@ -32,6 +47,36 @@ def copy_bandwidth(device: torch.device, timer: KernelTimer) -> float:
     src = torch.empty(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     return 2 * n * 4 / timer(lambda: dst.copy_(src)) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# op benchmarks: torch candidates against the op
+
+
+def op_setup(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device, int, float | None]:
+    """The parsed options (:func:`bench_parser`), the device, the timing repeats (``--repeats``, else 5 with
+    ``--quick``, 15 on CPU, 50 on CUDA) and, on CUDA, the measured copy bandwidth."""
+    args = bench_parser(description).parse_args(argv)
+    device = torch.device(args.device)
+    repeats = args.repeats or (5 if args.quick else (15 if device.type == "cpu" else 50))
+    peak = copy_bandwidth(device, KernelTimer(device, repeats)) if device.type == "cuda" else None
+    return args, device, repeats, peak
+
+
+def op_cases(shapes: list[tuple[int, ...]], quick: bool) -> list[tuple]:
+    """(row shape, batch size, fraction of the rows) of every case: batches 64, 256 (and 1024), fractions
+    0.1 ... 0.9 (fewer with ``quick``)."""
+    batches = [64, 256] if quick else [64, 256, 1024]
+    fractions = [0.1, 0.5, 0.9] if quick else [0.1, 0.3, 0.5, 0.7, 0.9]
+    return [(s, b, f) for s in shapes for b in batches for f in fractions]
+
+
+def op_result(op: str, rows: list[dict], device: torch.device, peak: float | None, path: str | None) -> dict:
+    """Print the rows of ``speedup_row``, write the result JSON to ``path`` (if given) and return it."""
+    print_speedups(rows, op, peak)
+    result = {"benchmark": op, "environment": environment(device), "copy_GBps": peak, "rows": rows}
+    write_json(path, result)
+    return result
 
 
 def speedup_row(case: dict, times: dict[str, float], op: str, moved_bytes: int, peak: float | None) -> dict:
@@ -67,3 +112,55 @@ def print_speedups(rows: list[dict], op: str, peak: float | None) -> None:
         f"slowest ratio torch/{op} over all cases: {worst:.2f}x"
         + (f"; device copy bandwidth {peak:.0f} GB/s" if peak else "")
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel benchmarks: the fused Triton kernel against its eager reference and torch.compile
+
+
+def compile_static(fn):
+    """``torch.compile`` of ``fn`` as the kernel benchmarks time it: full graph, static shapes."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def timer_and_bandwidth(device: torch.device, repeats: int) -> tuple[KernelTimer, float]:
+    """A :class:`KernelTimer` and the measured copy bandwidth (printed)."""
+    timer = KernelTimer(device, repeats)
+    peak = copy_bandwidth(device, timer)
+    print(f"measured copy bandwidth: {peak:.0f} GB/s ({device})")
+    return timer, peak
+
+
+def kernel_row(case: dict, times: dict[str, float], nbytes: int, peak: float | None, extra: dict | None = None):
+    """One result row: ``case``, ms and GB/s (``nbytes`` read once) of every method (``eager``, ``compile``,
+    ``fused`` if it ran), ``extra``, each rate's share of the copy bandwidth ``peak``, and the fused kernel's
+    speedups over ``eager`` and ``compile``."""
+    row = {
+        **case,
+        "ms": {k: v * 1e3 for k, v in times.items()},
+        "GBps": {k: nbytes / v / 1e9 for k, v in times.items()},
+        **(extra or {}),
+    }
+    if peak:
+        row["pct_of_copy_bw"] = {k: 100 * nbytes / v / 1e9 / peak for k, v in times.items()}
+    if "fused" in times:
+        row["speedup_vs_eager"] = times["eager"] / times["fused"]
+        row["speedup_vs_compile"] = times["compile"] / times["fused"]
+    return row
+
+
+def cell(d: dict, key: str, spec: str = ".3f") -> str:
+    """``d[key]`` formatted, or ``-`` where it was not measured."""
+    return format(d[key], spec) if key in d else "-"
+
+
+def kernel_result(script: str, argv: list[str] | None, device, how: str, fused_ok: bool, peak: float, **tables):
+    """The result JSON of a kernel benchmark: where and how it ran, then its ``tables``."""
+    return {
+        "environment": environment(device),
+        "triton_status": how,
+        "fused_measured": fused_ok,
+        "copy_bandwidth_GBps": peak,
+        "command": " ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]),
+        **tables,
+    }

@@ -21,7 +21,6 @@ time of a few runs) at a tiny batch (default N = 4), and the numbers are for CPU
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from functools import partial
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
-from kernel_timing import KernelTimer, copy_bandwidth  # noqa: E402
+from kernel_timing import bench_parser, cell, compile_static, kernel_result, kernel_row, timer_and_bandwidth  # noqa: E402
 
 from calexnet_fast.evaluation.timing import environment  # noqa: E402
 from calexnet_fast.exit_rule import exit_decision_reference  # noqa: E402
@@ -61,10 +60,6 @@ def reference_head_exit(x, w, b, p, cw, cb, thr):
     return logits, ex, pred, conf
 
 
-def _compile(fn):
-    return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
 def bench_heads(args, device, timer, fused_ok, peak_bw, n_batch, dtype) -> list[dict]:
     rows = []
     shapes = SHAPES[:2] if args.quick and device.type == "cpu" else SHAPES
@@ -78,7 +73,7 @@ def bench_heads(args, device, timer, fused_ok, peak_bw, n_batch, dtype) -> list[
         thr = torch.full((args.classes,), 0.5, device=device)
         bufs = [t.to(dtype) for t in folded.operands()]
         eager = partial(reference_head_exit, x, *bufs, thr)
-        compiled = partial(_compile(reference_head_exit), x, *bufs, thr)
+        compiled = partial(compile_static(reference_head_exit), x, *bufs, thr)
         compiled()  # compile outside the timing
         times = {"eager": timer(eager), "compile": timer(compiled)}
         check = {}
@@ -92,25 +87,9 @@ def bench_heads(args, device, timer, fused_ok, peak_bw, n_batch, dtype) -> list[
             }
             times["fused"] = timer(fused)
         nbytes = x.numel() * x.element_size()
-        row = {
-            "shape": name,
-            "N": n_batch,
-            "C": c,
-            "H": h,
-            "W": w,
-            "dtype": str(dtype).replace("torch.", ""),
-            "channels_last": bool(args.channels_last),
-            "feature_bytes": nbytes,
-            "ms": {k: v * 1e3 for k, v in times.items()},
-            "GBps": {k: nbytes / v / 1e9 for k, v in times.items()},
-            **check,
-        }
-        if peak_bw:
-            row["pct_of_copy_bw"] = {k: 100 * nbytes / v / 1e9 / peak_bw for k, v in times.items()}
-        if "fused" in times:
-            row["speedup_vs_eager"] = times["eager"] / times["fused"]
-            row["speedup_vs_compile"] = times["compile"] / times["fused"]
-        rows.append(row)
+        case = {"shape": name, "N": n_batch, "C": c, "H": h, "W": w, "dtype": str(dtype).replace("torch.", "")}
+        case.update(channels_last=bool(args.channels_last), feature_bytes=nbytes)
+        rows.append(kernel_row(case, times, nbytes, peak_bw, check))
     return rows
 
 
@@ -150,10 +129,6 @@ def sweep(args, device, timer, n_batch, dtype) -> list[dict]:
     return out
 
 
-def _fmt(d: dict, key: str, spec: str = ".3f") -> str:
-    return format(d[key], spec) if key in d else "-"
-
-
 def print_table(head_rows, fused_ok) -> None:
     print()
     hdr = f"{'head shape':<17}{'N':>5}{'dtype':>10}  {'eager ms':>9}{'compile ms':>11}{'fused ms':>9}"
@@ -163,8 +138,8 @@ def print_table(head_rows, fused_ok) -> None:
         ms, gb = r["ms"], r["GBps"]
         pct = r.get("pct_of_copy_bw", {})
         line = f"{r['shape']:<17}{r['N']:>5}{r['dtype']:>10}  {ms['eager']:>9.3f}{ms['compile']:>11.3f}"
-        line += f"{_fmt(ms, 'fused'):>9}{_fmt(gb, 'fused', '.0f'):>11}{_fmt(pct, 'fused', '.0f'):>9}"
-        line += f"{_fmt(r, 'speedup_vs_eager', '.2f'):>8}{_fmt(r, 'speedup_vs_compile', '.2f'):>10}"
+        line += f"{cell(ms, 'fused'):>9}{cell(gb, 'fused', '.0f'):>11}{cell(pct, 'fused', '.0f'):>9}"
+        line += f"{cell(r, 'speedup_vs_eager', '.2f'):>8}{cell(r, 'speedup_vs_compile', '.2f'):>10}"
         print(line)
     if fused_ok:
         print("\ntargets (H200, N >= 256): fused head >= 4x eager, >= 1.5x compile, >= 70 % of copy bandwidth")
@@ -287,24 +262,21 @@ def sass_report(args) -> list[dict]:
         print(
             f"{name:<16} {row['dtype']:<9} {'NHWC' if cl else 'NCHW'} regs={row['registers']:<3} "
             f"spill={row['spill_bytes']:<4} smem={row['shared_bytes'] // 1024:>3}KB wgmma={row['wgmma']:<3} "
-            f"cp.async={row['cp_async']:<3} warp-instr/px={_fmt(row, 'warp_instr_per_pixel', '.1f'):>5} "
-            f"/byte={_fmt(row, 'warp_instr_per_byte', '.3f')} /class={_fmt(row, 'warp_instr_per_class', '.1f')} "
+            f"cp.async={row['cp_async']:<3} warp-instr/px={cell(row, 'warp_instr_per_pixel', '.1f'):>5} "
+            f"/byte={cell(row, 'warp_instr_per_byte', '.3f')} /class={cell(row, 'warp_instr_per_class', '.1f')} "
             f"{row['config']}"
         )
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes/sizes and repeats")
+    parser = bench_parser(__doc__, quick="fewer shapes/sizes and repeats", repeats="CPU timing repeats")
     parser.add_argument("--batch", type=int, default=None, help="N (default 256 on CUDA, 4 on CPU)")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU"
     )
     parser.add_argument("--channels-last", action="store_true", help="features in channels_last")
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=None, help="CPU timing repeats")
     parser.add_argument("--sweep", action="store_true", help="CUDA: time neighbouring fused-kernel configurations")
     parser.add_argument(
         "--sass",
@@ -313,7 +285,6 @@ def main(argv: list[str] | None = None) -> dict:
         "shared memory and SASS instructions per pixel for the benchmark shapes, then exit",
     )
     parser.add_argument("--sass-arch", type=int, default=90, help="compute capability for --sass (90 = Hopper)")
-    parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.sass:
         result = {"sass": sass_report(args), "arch": args.sass_arch, "environment": environment(torch.device("cpu"))}
@@ -333,19 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_batch = args.batch or (256 if cuda else (2 if args.quick else 4))
     if not cuda:
         print(f"CPU: N = {n_batch} (tiny on purpose; pass --batch to change)")
-    timer = KernelTimer(device, args.repeats or (3 if args.quick else 5))
-    peak_bw = copy_bandwidth(device, timer)
-    print(f"measured copy bandwidth: {peak_bw:.0f} GB/s ({device})")
+    timer, peak_bw = timer_and_bandwidth(device, args.repeats or (3 if args.quick else 5))
     head_rows = bench_heads(args, device, timer, fused_ok, peak_bw, n_batch, dtype)
     print_table(head_rows, fused_ok)
-    result = {
-        "environment": environment(device),
-        "triton_status": how,
-        "fused_measured": fused_ok,
-        "copy_bandwidth_GBps": peak_bw,
-        "command": " ".join(["python", "bench/proto_head.py", *(argv if argv is not None else sys.argv[1:])]),
-        "heads": head_rows,
-    }
+    result = kernel_result("bench/proto_head.py", argv, device, how, fused_ok, peak_bw, heads=head_rows)
     if args.sweep:
         if fused_ok:
             result["sweep"] = sweep(args, device, timer, n_batch, dtype)

@@ -25,8 +25,9 @@ batch weighted by the fraction of samples reaching it (what the cascade would re
 on fewer rows and nothing else cost anything), and achieved / ideal for both modes. Then the kernel
 micro-benchmarks (bench/compact.py, scatter_rows.py, exit_decision.py, proto_head.py) in quick mode.
 ``--soak N`` also runs N consecutive batches of random sizes (0 and 1 included) and random exit patterns
-through ``Cascade`` and reports the peak memory. Results: a table on stdout, JSON (``--json``) and a plot
-(``--plot``, PNG). CPU runs use 2 threads unless ``--threads`` says otherwise.
+through ``Cascade`` and reports the peak memory. Results: a table on stdout (with the seconds each model and
+profile took, and the total), JSON (``--json``) and a plot (``--plot``, PNG). CPU runs use 2 threads unless
+``--threads`` says otherwise; the default CPU run is sized for about 2 minutes on a quiet 2-core machine.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +52,7 @@ from calexnet_fast import Cascade, ReferenceCascade, backbones  # noqa: E402
 from calexnet_fast.backbones import fold_batchnorm  # noqa: E402
 from calexnet_fast.cascades import StreamingCascade  # noqa: E402
 from calexnet_fast.evaluation.measure_session import DTYPES  # noqa: E402
+from calexnet_fast.evaluation.speed import stage_times, time_ideal  # noqa: E402
 from calexnet_fast.evaluation.timing import environment, interleaved_medians  # noqa: E402
 from calexnet_fast.flops import exit_histogram, flops_reduction, profile_flops  # noqa: E402
 from calexnet_fast.heads import PrototypePoolingHead  # noqa: E402
@@ -110,27 +113,8 @@ def profile_thresholds(ref: ReferenceCascade, profile, x: torch.Tensor, target: 
     return thr
 
 
-def stage_times(fast: Cascade, x: torch.Tensor, device: torch.device, repeats: int) -> tuple[list, list]:
-    """Seconds of each stage, and of each branch (head + exit decision), on a full batch of its input."""
-    fns, h = {}, x
-    with torch.inference_mode():
-        for k, stage in enumerate(fast.stages):
-            fns[f"stage{k}"] = lambda stage=stage, h=h: stage(h)
-            h = stage(h)
-            if k < fast.n_branches:
-                fns[f"head{k}"] = lambda k=k, h=h: fast._head_exit(k, h)
-        times = interleaved_medians(fns, device, repeats)
-    stages = [times[f"stage{k}"] for k in range(fast.n_branches + 1)]
-    return stages, [times[f"head{k}"] for k in range(fast.n_branches)]
-
-
-def time_ideal(stage_s: list[float], head_s: list[float], reach: list[float]) -> float:
-    """The speedup if every stage and head ran at its full-batch cost per image, on the samples reaching it."""
-    cascade = sum(f * (s + (head_s[k] if k < len(head_s) else 0.0)) for k, (f, s) in enumerate(zip(reach, stage_s)))
-    return sum(stage_s) / cascade
-
-
 def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    t_model = time.perf_counter()
     ref, profile = build(model, args.resolution, args.classes, seed=0)
     ref = ref.to(device=device, dtype=dtype)
     if args.channels_last:
@@ -149,8 +133,10 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
         backbone_compiled = torch.compile(backbone, dynamic=False)
         streaming_compiled = StreamingCascade(fast, stage_batch=args.batch_size, compile=True)
     stage_s, head_s = stage_times(fast, x, device, args.repeats)
+    setup_s = time.perf_counter() - t_model
     rows = []
     for target in tqdm(args.profiles, desc=f"{model} profiles", disable=None):
+        t_profile = time.perf_counter()
         thr = profile_thresholds(ref, profile, x, target)
         ref.set_thresholds(thr)
         fast.set_thresholds(thr)
@@ -196,8 +182,10 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
                 "cascade_vs_reference": ips["cascade"] / ips["reference"],
                 "exits_agree_with_reference": agree,
                 "streaming_agrees_with_cascade": agree_streaming,
+                "seconds": time.perf_counter() - t_profile,
             }
         )
+    rows[0]["setup_seconds"] = setup_s  # building, folding, full-batch stage times (compiling: in the 1st profile)
     return rows
 
 
@@ -260,7 +248,7 @@ def table(rows: list[dict]) -> None:
     compiled = "compiled" in rows[0]["speedup"]
     head = ["model", "FLOPs red.", "backbone", "reference", "per batch", "streaming", "x batch", "x stream"]
     head += ["FLOPs-ideal", "time-ideal", "stream/time-ideal", "stream/FLOPs-ideal"]
-    head += ["x compiled"] * compiled + ["exits ok"]
+    head += ["x compiled"] * compiled + ["exits ok", "run s"]
     print(" | ".join(head))
     for r in rows:
         ips, sp, ideal, ach = r["images_per_s"], r["speedup"], r["ideal_speedup"], r["achieved_over_ideal"]
@@ -271,6 +259,7 @@ def table(rows: list[dict]) -> None:
         if compiled:
             cells.append(f"{sp['compiled']:.2f}x")
         cells += [str(r["exits_agree_with_reference"] and r["streaming_agrees_with_cascade"])]
+        cells += [f"{r['seconds']:.1f}" + (f" (+{r['setup_seconds']:.1f} set-up)" if "setup_seconds" in r else "")]
         print(" | ".join(cells))
 
 
@@ -334,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.repeats = args.repeats or (5 if args.quick else (15 if not cuda else 50))
     args.stream_batches = args.stream_batches or (4 if args.quick else 16)
 
+    t_start = time.perf_counter()
     rows = []
     for model in models:
         rows += bench_model(args, model.strip(), device, dtype)
@@ -373,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result[bench.__name__] = bench.main(["--device", args.device, "--quick"])
     if args.plot:
         plot(rows, args.plot)
+    result["seconds"] = time.perf_counter() - t_start
+    print(f"\ntotal {result['seconds']:.0f} s (run s: seconds per model and profile, set-up included once per model)")
     write_json(args.json, result)
     return result
 

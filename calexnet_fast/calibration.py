@@ -28,6 +28,7 @@ definition of the exit rule shared with the cascades and the training weights.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,10 +56,22 @@ BAR_SOURCES = ("subset", "full_validation")
 _PREC_EPS = 1e-12
 
 
+def _check_data(t: torch.Tensor, name: str, what: str = "a tensor") -> None:
+    """Raise ``ValueError`` unless ``t`` is a tensor with data (not on the meta device)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected {what}, got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: expected {what} with data (on cpu or cuda), got a meta tensor")
+
+
+def _check_min_support(min_support: int) -> None:
+    if isinstance(min_support, bool) or not isinstance(min_support, numbers.Integral) or min_support < 1:
+        raise ValueError(f"min_support: expected a positive integer, got {min_support!r}")
+
+
 def _check_classes(t: torch.Tensor, name: str, n_classes: int | None = None) -> None:
     """Raise ``ValueError`` unless ``t`` holds integer class indices (in ``[0, n_classes)`` when given)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected an integer tensor of class indices, got {type(t).__name__}")
+    _check_data(t, name, "an integer tensor of class indices")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor of class indices, got dtype {t.dtype}")
     if n_classes is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_classes):
@@ -70,6 +83,7 @@ def _check_mask(mask: torch.Tensor, n: int, rows: int | None = None) -> torch.Te
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask: expected a bool tensor (True = in the subset), got {got}")
+    _check_data(mask, "mask", "a bool tensor")
     if mask.dim() == 1 and mask.shape[0] == n:
         return mask.cpu().unsqueeze(0)
     if mask.dim() == 2 and mask.shape[1] == n and (rows is None or mask.shape[0] in (1, rows)):
@@ -179,8 +193,10 @@ def cpm_thresholds(
     Returns:
         [C] or [M, C] float32 thresholds (``+inf``: the class cannot reach its bar; all ``+inf`` for N = 0).
     """
-    if min_support < 1:
-        raise ValueError(f"min_support: expected a positive integer, got {min_support}")
+    _check_min_support(min_support)
+    _check_data(conf, "conf", "a floating tensor (confidences)")
+    _check_data(pred, "pred", "an integer tensor of class indices")
+    _check_data(labels, "labels", "an integer tensor of class indices")
     if conf.dim() != 1 or pred.shape != conf.shape or labels.shape != conf.shape:
         raise ValueError(
             f"conf, pred, labels: expected three [N] tensors, got {list(conf.shape)}, {list(pred.shape)}, "
@@ -191,6 +207,7 @@ def cpm_thresholds(
     if not isinstance(bars, torch.Tensor) or bars.dim() not in (1, 2) or not bars.is_floating_point():
         got = f"{list(bars.shape)} {bars.dtype}" if isinstance(bars, torch.Tensor) else type(bars).__name__
         raise ValueError(f"bars: expected a floating tensor [C] or [M, C], got {got}")
+    _check_data(bars, "bars", "a floating tensor [C] or [M, C]")
     squeeze = bars.dim() == 1
     bars2 = bars.to(torch.float64).reshape(-1, bars.shape[-1])
     m_count, n_classes = bars2.shape
@@ -240,6 +257,10 @@ def cpm_thresholds(
 
 
 def _check_inputs(branch_logits, backbone_logits, labels) -> tuple[list[torch.Tensor], int, int]:
+    if not isinstance(branch_logits, (torch.Tensor, Sequence)) or isinstance(branch_logits, (str, bytes)):
+        raise ValueError(
+            f"branch_logits: expected K tensors [N, C] or one [K, N, C], got {type(branch_logits).__name__}"
+        )
     if isinstance(branch_logits, torch.Tensor):
         if branch_logits.dim() != 3:
             raise ValueError(
@@ -249,10 +270,12 @@ def _check_inputs(branch_logits, backbone_logits, labels) -> tuple[list[torch.Te
     branch_logits = list(branch_logits)
     if not branch_logits:
         raise ValueError("branch_logits: expected at least one branch, got none")
-    if backbone_logits.dim() != 2:
-        raise ValueError(f"backbone_logits: expected [N, C], got {list(backbone_logits.shape)}")
+    _check_data(backbone_logits, "backbone_logits", "a tensor [N, C]")
+    if backbone_logits.dim() != 2 or backbone_logits.shape[1] < 1:
+        raise ValueError(f"backbone_logits: expected [N, C] with C >= 1 classes, got {list(backbone_logits.shape)}")
     n, c = backbone_logits.shape
     for k, z in enumerate(branch_logits):
+        _check_data(z, f"branch_logits[{k}]", f"a tensor [{n}, {c}]")
         if z.shape != (n, c):
             raise ValueError(f"branch_logits[{k}]: expected [{n}, {c}] like backbone_logits, got {list(z.shape)}")
     _check_classes(labels, "labels", c)
@@ -292,6 +315,7 @@ def calibrate(
         raise ValueError(f"bar_from: expected one of {BAR_SOURCES}, got {bar_from!r}")
     if margin_mode not in MARGIN_MODES:
         raise ValueError(f"margin_mode: expected one of {MARGIN_MODES}, got {margin_mode!r}")
+    _check_min_support(min_support)
     branch_logits, n, c = _check_inputs(branch_logits, backbone_logits, labels)
     m, scalar = _check_margins(margins)
     labels = labels.detach().long().cpu()

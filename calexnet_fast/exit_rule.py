@@ -82,6 +82,8 @@ def check_cascade_thresholds(
             raise ValueError(
                 f"{name}: expected a tensor of shape [{n_branches}, {n_classes}], got {type(thresholds).__name__}"
             ) from None
+    if thresholds.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with values (on cpu or cuda), got a meta tensor")
     if thresholds.dim() != 2 or tuple(thresholds.shape) != (n_branches, n_classes):
         raise ValueError(
             f"{name}: expected shape [{n_branches}, {n_classes}] (K branches x n_classes), got {list(thresholds.shape)}"

@@ -9,6 +9,7 @@ SHA-256 per tensor recorded when it was written; a damaged one is rebuilt.
 
 :func:`backbone_features` is the same computation on an already decoded image tensor (:func:`decode_images`),
 in the backbone's own dtype, on the very batches the real cascade reads when it is timed.
+:func:`predict` applies a function to every cached row, :func:`branch_logits` the trained heads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,13 @@ from .io import ST_DTYPES, Bf16, SafetensorsWriter, memmap_safetensors, read_saf
 __all__ = [
     "FeatureCache",
     "backbone_features",
+    "branch_logits",
     "build_feature_cache",
     "dataset_fingerprint",
     "decode_images",
+    "head_logits",
     "model_fingerprint",
+    "predict",
 ]
 
 STORAGES = ("memory", "disk")
@@ -412,6 +416,43 @@ def build_feature_cache(
     cache = FeatureCache(*out, full_meta)
     cache.path = path
     return cache
+
+
+# --------------------------------------------------------------------------------------------------
+# functions and heads over cached features
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(fn: Callable, cache: FeatureCache, *, branches=None, batch_size: int = 1024, device=None) -> torch.Tensor:
+    """Apply ``fn(features) -> [B, ...]`` to every cached row in order (eval work, no grad); CPU result.
+    ``features`` is the list of K float32 branch maps on ``device`` (``None`` for branches not in ``branches``).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    outs = []
+    for s in range(0, len(cache), batch_size):
+        feats, _, _ = cache.gather(torch.arange(s, min(s + batch_size, len(cache))), branches)
+        outs.append(fn([f.to(device, torch.float32) if f is not None else None for f in feats]).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def head_logits(head: nn.Module, cache: FeatureCache, branch: int, *, batch_size: int = 1024, device=None):
+    """Logits [N, C] (CPU) of ``head`` (eval mode; moved to ``device`` if given) on branch ``branch``
+    (0-based) of every cached sample."""
+    was = head.training
+    head.eval()
+    try:
+        if device is not None:
+            head.to(device)
+        dev = next(head.parameters()).device
+        return predict(lambda f: head(f[branch]), cache, branches=[branch], batch_size=batch_size, device=dev)
+    finally:
+        head.train(was)
+
+
+def branch_logits(heads: Sequence[nn.Module], cache: FeatureCache, *, device=None) -> torch.Tensor:
+    """Logits [K, N, C] (CPU) of the K branch heads, head ``k`` on branch ``k`` of every cached sample."""
+    return torch.stack([head_logits(h, cache, k, device=device) for k, h in enumerate(heads)])
 
 
 # --------------------------------------------------------------------------------------------------

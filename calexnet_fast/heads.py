@@ -31,7 +31,9 @@ from torch import nn
 from .reference import COSINE_EPS, cosine_eps, folded_head_reference
 
 
-def _check_features(features: torch.Tensor, in_channels: int, device: torch.device) -> None:
+def _check_features(
+    features: torch.Tensor, in_channels: int, device: torch.device, dtype: torch.dtype | None = None
+) -> None:
     if not isinstance(features, torch.Tensor):
         raise ValueError(f"features: expected a torch.Tensor [N, C, H, W], got {type(features).__name__}")
     if features.dim() != 4:
@@ -46,6 +48,11 @@ def _check_features(features: torch.Tensor, in_channels: int, device: torch.devi
         raise ValueError(f"features: expected a floating dtype, got {features.dtype}")
     if features.device != device:
         raise ValueError(f"features: expected device {device} (that of the head's weights), got {features.device}")
+    if dtype is not None and features.dtype != dtype:
+        raise ValueError(
+            f"features: expected dtype {dtype} (that of the head's weights; cast one to the other), "
+            f"got {features.dtype}"
+        )
 
 
 # FoldedPrototypeHead.operands: {head: {dtypes: (buffer versions, cast buffers)}}, dropped with the head.
@@ -76,6 +83,15 @@ class FoldedPrototypeHead(nn.Module):
         cls_bias: torch.Tensor,
     ) -> None:
         super().__init__()
+        buffers = {"proj_weight": proj_weight, "proj_bias": proj_bias, "prototypes": prototypes}
+        buffers.update(cls_weight=cls_weight, cls_bias=cls_bias)
+        for name, t in buffers.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a floating torch.Tensor, got {got}")
+        for name, t in [("proj_weight", proj_weight), ("prototypes", prototypes), ("cls_weight", cls_weight)]:
+            if t.dim() != 2:
+                raise ValueError(f"{name}: expected a 2-D tensor, got shape {list(t.shape)}")
         d, c = proj_weight.shape
         k = prototypes.shape[0]
         checks = [
@@ -194,7 +210,7 @@ class PrototypePoolingHead(nn.Module):
     def pooled_features(self, features: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, 2K + D] pooled features ``[max s (K), mean s (K), avg u (D)]``."""
         if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
-            _check_features(features, self.in_channels, self.proj.weight.device)
+            _check_features(features, self.in_channels, self.proj.weight.device, self.proj.weight.dtype)
         u = torch.relu(self.bn(self.proj(features)))  # [N, D, H, W]
         un = F.normalize(u, dim=1, eps=cosine_eps(u.dtype, self.eps))
         pn = F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))

@@ -1,9 +1,11 @@
 """Input normalisation ``(x - mean) / std``: the one definition the backbones and the datasets share.
 
-The pretrained CIFAR ResNet-20…56 (akamaster) and torchvision's ImageNet ResNets both use the ImageNet
-mean/std (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`), which is therefore the default of every staged
-backbone and every dataset. :data:`NORMALIZATIONS` adds the per-dataset statistics a backbone may have been
-trained with instead.
+The backbone owns its statistics: a staged backbone carries the ``mean`` / ``std`` it was trained with (what
+the model declares, e.g. timm's ``pretrained_cfg``, or what is given), a run records them, and the data of a
+run is normalised with them. The pretrained CIFAR ResNet-20…56 (akamaster) and torchvision's ImageNet models
+use the ImageNet mean/std (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`), the default where nothing else is
+known. :data:`NORMALIZATIONS` adds per-dataset statistics a backbone may have been trained with instead, and
+:func:`statistics_mismatch` says when a dataset's own statistics look far from a backbone's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "NORMALIZATIONS",
     "Normalization",
     "normalization_for",
+    "statistics_mismatch",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -74,3 +77,25 @@ def normalization_for(backbone: str | None = None, override: str | Normalization
             raise ValueError(f"normalization: expected one of {sorted(NORMALIZATIONS)}, got {override!r}")
         return NORMALIZATIONS[override]
     return NORMALIZATIONS["imagenet"]
+
+
+def statistics_mismatch(normalization: Normalization, mean: tuple[float, ...], std: tuple[float, ...]) -> str | None:
+    """Whether images whose pixels (in [0, 1]) have per-channel ``mean`` and ``std`` look far from what a
+    backbone normalising with ``normalization`` was trained on; ``None`` when they do not, else why.
+
+    Normalised, such images have per-channel mean ``(mean - m) / s`` and std ``std / s``; training data
+    normalised with its own statistics gives 0 and 1. They look far when some channel's normalised mean is
+    beyond +-1 or its normalised std outside [0.5, 2].
+    """
+    far = []
+    for c, (dm, ds, m, s) in enumerate(zip(mean, std, normalization.mean, normalization.std, strict=True)):
+        nm, ns = (dm - m) / s, ds / s
+        if abs(nm) > 1.0 or not 0.5 <= ns <= 2.0:
+            far.append(f"channel {c}: mean {dm:.3f} vs {m:.3f}, std {ds:.3f} vs {s:.3f}")
+    if not far:
+        return None
+    return (
+        f"the images' statistics look far from the backbone's input normalisation ({'; '.join(far)}): after "
+        "normalising, their mean should be near 0 and their std near 1. If the backbone was trained with other "
+        "statistics, give them (--mean/--std, or mean=/std=)"
+    )

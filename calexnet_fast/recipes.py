@@ -39,10 +39,10 @@ from torch import nn
 from .calibration import calibrate
 from .distributed import dist_info
 from .exit_rule import exit_decision_reference
-from .features import FeatureCache
+from .features import FeatureCache, head_logits
 from .heads import PrototypePoolingHead
 from .io import load_state_file, save_state_file
-from .training import CachedBatch, CacheSource, FitConfig, fit, predict
+from .training import CachedBatch, CacheSource, FitConfig, fit
 
 __all__ = [
     "RECIPE_NAMES",
@@ -51,7 +51,6 @@ __all__ = [
     "ablation",
     "branch_loss",
     "ce_loss",
-    "head_logits",
     "kd_loss",
     "make_head",
     "recipe",
@@ -289,21 +288,6 @@ def make_head(in_channels: int, n_classes: int, recipe: Recipe | None = None, se
         if seed is not None:
             torch.manual_seed(seed)
         return PrototypePoolingHead(in_channels, n_classes, dim=r.head_dim, n_prototypes=r.n_prototypes)
-
-
-def head_logits(
-    head: nn.Module, cache: FeatureCache, branch: int, *, batch_size: int = 1024, device=None
-) -> torch.Tensor:
-    """Logits [N, C] of ``head`` (eval mode) on branch ``branch`` (0-based) of every cached sample."""
-    was = head.training
-    head.eval()
-    try:
-        if device is not None:
-            head.to(device)
-        dev = next(head.parameters()).device
-        return predict(lambda f: head(f[branch]), cache, branches=[branch], batch_size=batch_size, device=dev)
-    finally:
-        head.train(was)
 
 
 # --------------------------------------------------------------------------------------------------

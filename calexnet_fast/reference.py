@@ -14,12 +14,13 @@ tested against, and what runs wherever a fast path cannot.
 Semantics of the batch-compaction ops (both devices, and the twins here):
     compact(x, mask) -> (rows, index): ``rows = x[mask]`` as a new tensor (rows keep a contiguous or
         channels_last per-row layout; other layouts come out contiguous) and ``index`` the int64 positions of
-        the true entries, increasing.
+        the true entries, increasing. Meta tensors are refused (the row count depends on mask's values).
     scatter_rows_(out, src, index): ``out[index[j]] = src[j]`` in place; every index must lie in
         ``[0, out.size(0))`` or the op raises before writing anything; with duplicate indices the last
         occurrence wins; ``src`` and ``index`` may share memory with ``out`` (they are read as they were
         before the call); an ``out`` whose elements share memory (expanded, overlapping strides) is refused.
-        ``scatter_rows`` does the same on a copy of ``out``.
+        ``scatter_rows`` does the same on a copy of ``out``. On meta tensors the arguments are checked and
+        nothing is written (there are no index values to check).
 
 Cosine convention of the prototype heads: each vector is divided by ``max(||v||, eps)`` with
 ``eps = COSINE_EPS = 1e-8``, so a zero projection gives similarity 0, never NaN. In float16, where 1e-8
@@ -57,8 +58,15 @@ COSINE_EPS = 1e-8
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_tensors(op: str, **tensors: object) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
 def check_compact_args(x: torch.Tensor, mask: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the argument unless ``compact(x, mask)`` is well defined."""
+    _check_tensors("compact", x=x, mask=mask)
     if x.dim() < 1:
         raise ValueError("compact: x: expected a tensor with a batch dimension (dim >= 1), got a 0-d tensor")
     if mask.dtype != torch.bool:
@@ -69,11 +77,16 @@ def check_compact_args(x: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"compact: mask: expected length {x.shape[0]} (x.size(0)), got {mask.shape[0]}")
     if mask.device != x.device:
         raise ValueError(f"compact: mask: expected device {x.device} (that of x), got {mask.device}")
+    if x.device.type == "meta":
+        raise ValueError(
+            "compact: x: expected a tensor with data (the number of rows depends on mask's values), got a meta tensor"
+        )
 
 
 def check_scatter_args(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the argument unless ``scatter_rows(out, src, index)`` is well defined
     (the range of the index values is checked separately, on the data)."""
+    _check_tensors("scatter_rows", out=out, src=src, index=index)
     if out.dim() < 1:
         raise ValueError("scatter_rows: out: expected a tensor with a batch dimension (dim >= 1), got a 0-d tensor")
     if src.device != out.device:
@@ -100,6 +113,8 @@ def elements_may_share_memory(t: torch.Tensor) -> bool:
 
     A sufficient test for "they do not", the same as the C++ ops' (csrc/ops_common.h): over the dims of
     size > 1 sorted by stride, each stride exceeds the largest offset that the smaller-stride dims reach."""
+    if t.numel() == 0:
+        return False  # no element, nothing to share
     span = 0
     for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
         if stride <= span:
@@ -178,6 +193,8 @@ def scatter_rows__reference(out: torch.Tensor, src: torch.Tensor, index: torch.T
     """
     check_scatter_args(out, src, index)
     check_scatter_out(out)
+    if out.device.type == "meta":  # no data: nothing to check or write (as the op's fake kernel)
+        return out
     _validate_index(index, out.shape[0])
     if index.numel() == 0:
         return out

@@ -178,6 +178,7 @@ inline std::string strides_str(const Tensor& t) {
 // for "they do not": over the dims of size > 1 sorted by stride, each stride exceeds the largest offset the
 // smaller-stride dims reach. calexnet_fast.reference.elements_may_share_memory is the same test.
 inline bool elements_may_share_memory(const Tensor& t) {
+  if (t.numel() == 0) return false;  // no element, nothing to share
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));

@@ -1,6 +1,6 @@
 """Shared test fixtures and markers.
 
-Markers:
+Markers (registered in pyproject.toml, [tool.pytest.ini_options]):
     needs_cuda: the test needs a CUDA device; skipped without one (failed instead under CALEXNET_REQUIRE_GPU=1,
         as bench/gpu_check.sh runs them; so are the ``kernel`` tests).
     kernel: the test launches a Triton kernel (takes the ``kernel_device`` fixture). It runs natively on CUDA
@@ -66,13 +66,6 @@ if INTERPRETER_WORKER:
 # newer fp32_precision settings is an error when read back).
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "needs_cuda: needs a CUDA device (skipped without one)")
-    config.addinivalue_line(
-        "markers", "kernel: launches a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1 via test_interpreter_run)"
-    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -321,9 +321,10 @@ def test_cifar_resnet_checkpoints_load_strictly(depth, data_root):
 
 def test_cifar_checkpoint_mismatch_errors(tmp_path, data_root):
     path20 = B.find_pretrained_cifar_checkpoint(20, data_root)
-    with pytest.raises(RuntimeError, match=r"expected CIFAR ResNet-56 .*looks like ResNet-20") as e:
+    with pytest.raises(RuntimeError, match=r"does not fit cifar_resnet56 \(9 blocks per stage, option-A") as e:
         B.cifar_resnet(56, checkpoint=path20)
-    assert "missing keys [layer1.3." in str(e.value)
+    assert "missing keys [layer1.3.*, layer1.4.*" in str(e.value)
+    assert str(e.value).endswith("the weights look like cifar_resnet20 (option-A shortcuts, 10 classes)")
     with pytest.raises(RuntimeError, match=r"linear\.weight: expected \[100, 64\], got \[10, 64\]"):
         B.cifar_resnet(20, n_classes=100, checkpoint=path20)
     (tmp_path / "corrupt.th").write_bytes(b"not a checkpoint at all")
@@ -410,7 +411,7 @@ def test_backbone_spec_round_trip_build_and_trainable_weights(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(staged(x), net.eval()(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"arch: expected one of \['resnet18', 'resnet50'\] or cifar_resnet<depth>"):
+    with pytest.raises(ValueError, match=r"arch: expected one of \['resnet18', 'resnet50'\], cifar_resnet<depth>"):
         B.BackboneSpec(arch="vgg16")
     with pytest.raises(ValueError, match="give one or the other"):
         B.BackboneSpec(branch_points=["layer1"], n_branches=2)

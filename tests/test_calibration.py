@@ -295,3 +295,40 @@ def test_bad_margins_and_predictions_are_named():
         cpm_thresholds(conf, pred, y, torch.zeros(1, 2, 3))
     with pytest.raises(ValueError, match="conf: expected a floating tensor"):
         cpm_thresholds(pred, pred, y, torch.zeros(3))
+
+
+def test_non_tensors_meta_tensors_and_bad_min_support_are_named():
+    branches, bb, y = make_problem(n=20, c=3, k=2)
+    conf, pred = torch.rand(20), y.clone()
+    meta = torch.device("meta")
+    cpm_cases = [
+        ((conf.tolist(), pred, y, torch.zeros(3)), {}, "conf: expected a floating tensor .*got list"),
+        ((conf, pred.tolist(), y, torch.zeros(3)), {}, "pred: expected an integer tensor .*got list"),
+        ((conf.to(meta), pred, y, torch.zeros(3)), {}, "conf: expected .* with data .*got a meta tensor"),
+        ((conf, pred, y.to(meta), torch.zeros(3)), {}, "labels: expected .* with data .*got a meta tensor"),
+        ((conf, pred, y, torch.zeros(3, device=meta)), {}, "bars: expected .* with data .*got a meta tensor"),
+        ((conf, pred, y, torch.zeros(3)), {"mask": torch.ones(20, dtype=torch.bool, device=meta)}, "mask: .*meta"),
+        ((conf, pred, y, torch.zeros(3)), {"min_support": None}, "min_support: expected a positive integer, got None"),
+        ((conf, pred, y, torch.zeros(3)), {"min_support": 2.5}, "min_support: expected a positive integer, got 2.5"),
+    ]
+    for args, kwargs, msg in cpm_cases:
+        with pytest.raises(ValueError, match=msg):
+            cpm_thresholds(*args, **kwargs)
+    calibrate_cases = [
+        ((None, bb, y, 0.1), {}, "branch_logits: expected K tensors .*got NoneType"),
+        (
+            ([z.tolist() for z in branches], bb, y, 0.1),
+            {},
+            r"branch_logits\[0\]: expected a tensor \[20, 3\], got list",
+        ),
+        ((branches, bb.tolist(), y, 0.1), {}, r"backbone_logits: expected a tensor \[N, C\], got list"),
+        ((branches, bb.to(meta), y, 0.1), {}, "backbone_logits: expected .* with data .*got a meta tensor"),
+        (([z.to(meta) for z in branches], bb, y, 0.1), {}, r"branch_logits\[0\]: .*got a meta tensor"),
+        ((branches, bb, y.to(meta), 0.1), {}, "labels: expected .* with data .*got a meta tensor"),
+        (([z[:, :0] for z in branches], bb[:, :0], y, 0.1), {}, r"backbone_logits: expected \[N, C\] with C >= 1"),
+        ((branches, bb, y, 0.1), {"min_support": 0}, "min_support: expected a positive integer, got 0"),
+    ]
+    for args, kwargs, msg in calibrate_cases:
+        for fn in (calibrate, calibrate_sweep):
+            with pytest.raises(ValueError, match=msg):
+                fn(*args, **kwargs)

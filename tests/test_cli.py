@@ -92,25 +92,12 @@ def test_pipeline_train_backbone_train_calibrate_evaluate(tmp_path):
     )
     meta = json.loads((bb_dir / "backbone.json").read_text())
     assert meta["n_classes"] == 5 and meta["test_accuracy"] > 0.4
-    assert (
-        run_cli(
-            "train",
-            *SYN,
-            "--backbone-run",
-            bb_dir,
-            "--recipe",
-            "calexnet",
-            *SMALL,
-            "--epochs",
-            "3",
-            "--cache",
-            "disk",
-            "--out",
-            run,
-            "--quiet",
-        )
-        == 0
-    )
+
+    def train_on_bb(recipe: str, epochs: int, out: Path, *more) -> int:
+        argv = ["train", *SYN, "--backbone-run", bb_dir, "--recipe", recipe, *SMALL, "--epochs", epochs]
+        return run_cli(*argv, "--cache", "disk", *more, "--out", out, "--quiet")
+
+    assert train_on_bb("calexnet", 3, run) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["recipe"]["name"] == "calexnet" and cfg["backbone"]["arch"] == "cifar_resnet8"
     assert cfg["backbone"]["branch_points"] == ["layer1", "layer2"]
@@ -156,27 +143,7 @@ def test_pipeline_train_backbone_train_calibrate_evaluate(tmp_path):
     # the reference recipe in the same cache directory reuses the cached features
     ref = tmp_path / "ref"
     mtime = (run / "cache" / "train.safetensors").stat().st_mtime_ns
-    assert (
-        run_cli(
-            "train",
-            *SYN,
-            "--backbone-run",
-            bb_dir,
-            "--recipe",
-            "reference",
-            *SMALL,
-            "--epochs",
-            "1",
-            "--cache",
-            "disk",
-            "--cache-dir",
-            run / "cache",
-            "--out",
-            ref,
-            "--quiet",
-        )
-        == 0
-    )
+    assert train_on_bb("reference", 1, ref, "--cache-dir", run / "cache") == 0
     assert (run / "cache" / "train.safetensors").stat().st_mtime_ns == mtime
     assert json.loads((ref / "config.json").read_text())["recipe"]["aligned"] is False
 

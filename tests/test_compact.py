@@ -82,6 +82,23 @@ def test_bad_inputs_name_the_argument():
         compact_reference(x, torch.ones(4))
 
 
+def test_meta_and_non_tensor_arguments_are_named():
+    """compact's row count depends on the mask's values: meta tensors are refused by the op and its twin alike;
+    a list instead of a tensor is named too."""
+    x, mask = torch.randn(4, 3), torch.ones(4, dtype=torch.bool)
+    for fn in (compact, compact_reference):
+        with pytest.raises(ValueError, match="compact: x: expected a tensor with data .* got a meta tensor"):
+            fn(x.to("meta"), mask.to("meta"))
+        with pytest.raises(ValueError, match=r"compact: mask: expected device meta \(that of x\), got cpu"):
+            fn(x.to("meta"), mask)
+    with pytest.raises(ValueError, match="compact: x: expected a torch.Tensor, got list"):
+        compact_reference(x.tolist(), mask)
+    with pytest.raises(ValueError, match="compact: mask: expected a torch.Tensor, got list"):
+        compact_reference(x, mask.tolist())
+    with pytest.raises(RuntimeError, match="argument 'mask'"):  # the op's schema names it
+        compact(x, mask.tolist())
+
+
 @pytest.mark.needs_cuda
 def test_mask_on_another_device_is_named():
     with pytest.raises((ValueError, RuntimeError), match=r"mask.*device"):

@@ -251,6 +251,17 @@ def test_stratified_split_is_deterministic_and_exact():
             data.stratified_split(labels, bad)
 
 
+def test_stratified_subset_keeps_class_proportions_and_names_the_option():
+    train = data.synthetic_dataset(60, 10, 10, n_classes=3, image_size=8).train
+    sub = data.stratified_subset(train, 30, seed=4)
+    assert len(sub) == 30 and torch.equal(sub.labels, data.stratified_subset(train, 30, seed=4).labels)
+    assert torch.bincount(sub.labels).tolist() == [n // 2 for n in torch.bincount(train.labels).tolist()]
+    assert not torch.equal(sub.images, data.stratified_subset(train, 30, seed=5).images)
+    for bad in (0, 60):
+        with pytest.raises(ValueError, match=f"--train-subset: expected 1..59, got {bad}"):
+            data.stratified_subset(train, bad, name="--train-subset")
+
+
 def test_normalisation_and_augmentation():
     s = data.synthetic_dataset(20, 10, 10, n_classes=2, image_size=16, normalization=NORMALIZATIONS["cifar10"])
     raw = s.train.images[3].float() / 255

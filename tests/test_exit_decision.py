@@ -148,6 +148,16 @@ def test_bad_inputs():
         exit_decision(torch.randn(3, 10), torch.rand(1, 10))
     with pytest.raises(ValueError, match="logits: expected a dtype in"):
         exit_decision(torch.ones(3, 10, dtype=torch.int64), thr)
+    # the op called directly checks its arguments too, on CPU and on meta tensors (its fake kernel)
+    op = torch.ops.calexnet_fast.exit_decision
+    with pytest.raises(ValueError, match="logits: expected a dtype in"):
+        op(torch.ones(3, 10, dtype=torch.int64), thr)
+    with pytest.raises(ValueError, match=r"logits: expected at least one class, got shape \[3, 0\]"):
+        op(torch.randn(3, 0), thr[:0])
+    with pytest.raises(ValueError, match=r"logits: expected a 2-D tensor \[N, C\], got \[10\]"):
+        op(torch.randn(10, device="meta"), thr.to("meta"))
+    exit_, pred, conf = op(torch.randn(3, 10, device="meta"), thr.to("meta"))
+    assert exit_.shape == pred.shape == conf.shape == (3,) and conf.device.type == "meta"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(RuntimeError, match="needs a CUDA tensor"):
             _launch_exit_decision(torch.randn(3, 10), thr)

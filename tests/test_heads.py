@@ -161,3 +161,21 @@ def test_bad_inputs():
             PrototypePoolingHead(**kwargs)
     with pytest.raises(ValueError, match=r"cls_weight: expected shape \[3, 12\], got \[3, 11\]"):
         FoldedPrototypeHead(torch.zeros(8, 4), torch.zeros(8), torch.zeros(2, 8), torch.zeros(3, 11), torch.zeros(3))
+    buffers = [torch.zeros(8, 4), torch.zeros(8), torch.zeros(2, 8), torch.zeros(3, 12), torch.zeros(3)]
+    with pytest.raises(ValueError, match=r"proj_weight: expected a 2-D tensor, got shape \[32\]"):
+        FoldedPrototypeHead(buffers[0].reshape(-1), *buffers[1:])
+    with pytest.raises(ValueError, match="prototypes: expected a floating torch.Tensor, got list"):
+        FoldedPrototypeHead(*buffers[:2], buffers[2].tolist(), *buffers[3:])
+    with pytest.raises(ValueError, match="cls_bias: expected a floating torch.Tensor, got dtype torch.int64"):
+        FoldedPrototypeHead(*buffers[:4], torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_module_head_names_a_dtype_mismatch_and_the_folded_head_computes_in_the_features_dtype(dtype):
+    head = PrototypePoolingHead(4, 3, dim=8, n_prototypes=2).eval()
+    f = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=f"features: expected dtype torch.float32 .* got {dtype}"):
+        head(f.to(dtype))  # was torch's "expected scalar type ... but found Float"
+    out = head.fold()(f.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), head(f).detach(), rtol=1e-2, atol=1e-2)

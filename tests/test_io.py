@@ -44,15 +44,23 @@ def test_json_is_nan_safe_and_read_errors_name_the_file(tmp_path):
     assert path.read_text() == '{\n "x": 1\n}\n'
     with pytest.raises(ValueError, match=r"run config .*none\.json does not exist"):
         io.read_json(tmp_path / "none.json", "run config")
-    (tmp_path / "bad.json").write_text('{"a": ')
-    with pytest.raises(RuntimeError, match=r"bad\.json is not readable JSON"):
-        io.read_json(tmp_path / "bad.json")
-    (tmp_path / "list.json").write_text("[1, 2]")
-    with pytest.raises(RuntimeError, match=r"list\.json: expected a JSON object, got list"):
-        io.read_json(tmp_path / "list.json")
-    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(RuntimeError, match=r"bin\.json"):
-        io.read_json(tmp_path / "bin.json")
+
+
+@pytest.mark.parametrize(
+    "name, content, reader, error, match",
+    [
+        ("bad.json", b'{"a": ', io.read_json, RuntimeError, r"bad\.json is not readable JSON"),
+        ("list.json", b"[1, 2]", io.read_json, RuntimeError, r"list\.json: expected a JSON object, got list"),
+        ("bin.json", b"\xff\xfe\x00", io.read_json, RuntimeError, r"bin\.json"),
+        ("none.safetensors", None, io.load_state_file, ValueError, "does not exist"),
+        ("junk.safetensors", b"junk", io.load_state_file, RuntimeError, r"junk\.safetensors: not a readable"),
+    ],
+)
+def test_unreadable_files_are_reported(tmp_path, name, content, reader, error, match):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(error, match=match):
+        reader(tmp_path / name)
 
 
 def test_state_file_round_trip_and_sha256(tmp_path):
@@ -71,11 +79,6 @@ def test_state_file_round_trip_and_sha256(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match=r"s\.safetensors: damaged or replaced"):
         io.load_state_file(path, io.save_state_file(tmp_path / "t.safetensors", tensors))
-    with pytest.raises(ValueError, match="does not exist"):
-        io.load_state_file(tmp_path / "none.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(RuntimeError, match=r"junk\.safetensors: not a readable safetensors state file"):
-        io.load_state_file(tmp_path / "junk.safetensors")
 
 
 def test_streaming_writer_records_and_checks_each_tensor(tmp_path):

@@ -1,5 +1,6 @@
 """``calexnet measure``: the real cascade's accuracy equals the simulated evaluation's at every operating point
-(CPM runs and the baselines' exit rules), end to end on tiny synthetic data; headline numbers by hand."""
+(CPM runs and the baselines' exit rules), per batch and streaming, end to end on tiny synthetic data; the
+inference form (folded BatchNorm); the time-ideal and headline numbers by hand."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from calexnet_fast import backbones, cli
 from calexnet_fast.baselines import ZTW, BoostNet, PTEEnet, baseline_exit_heads, exit_outputs
 from calexnet_fast.cascades import ScoreCascade
 from calexnet_fast.evaluation import (
+    MeasureConfig,
     PowerMeter,
     TimingConfig,
     baseline_decisions,
@@ -22,8 +24,11 @@ from calexnet_fast.evaluation import (
     measure_points,
     speed_table,
 )
+from calexnet_fast.evaluation.measure_session import Session
+from calexnet_fast.evaluation.speed import mode_key, stage_times, time_ideal
 from calexnet_fast.features import backbone_features
 from calexnet_fast.flops import FlopsProfile
+from calexnet_fast.run import Run
 
 SYN = ["--dataset", "synthetic", "--synthetic-size", "300", "160", "200", "--synthetic-classes", "4"]
 SYN += ["--image-size", "16", "--backbone", "cifar_resnet20", "--random-init", "--n-branches", "3"]
@@ -46,24 +51,61 @@ def test_measure_run_equals_evaluate_at_every_margin(tmp_path):
     assert cli.main([*argv, "--out", str(run), "--quiet"]) == 0
     assert cli.main(["calibrate", "--run", str(run), "--margins", "0:0.6:7", "--quiet"]) == 0
     assert cli.main(["evaluate", "--run", str(run), "--quiet"]) == 0
-    assert cli.main(["measure", "--run", str(run), "--margins", "all", *TIMING]) == 0
+    assert cli.main(["measure", "--run", str(run), "--margins", "all", *TIMING, "--stage-batch", "32"]) == 0
     evaluated = json.loads((run / "results.json").read_text())["points"]
     speed = json.loads((run / "speed.json").read_text())
+    assert speed["modes"] == ["batch", "stream"] and speed["stage_batch"] == 32 and speed["fold_batchnorm"]
     points = speed["runs"][0]["points"]
     assert [p["param"] for p in points] == [p["margin"] for p in evaluated]
     for p, e in zip(points, evaluated, strict=True):
-        assert p["mismatches"] == 0
+        assert p["modes"] == ["batch", "stream"]
+        assert p["mismatches"] == 0 and p["mismatches_streaming"] == 0  # every image, in both modes
         assert p["accuracy"] == e["accuracy"] == p["simulated"]["accuracy"]
         assert p["flops_reduction"] == pytest.approx(e["flops_reduction"], abs=1e-12)
         assert p["exit_fractions"] == pytest.approx(e["exit_fractions"], abs=1e-12)
-        assert p["speedup"] > 0 and p["ideal_speedup"] == pytest.approx(1 / (1 - p["timed_flops_reduction"]))
-        assert 2 <= len(p["speedup_rounds"]) <= 6 and p["energy_j_per_image"] is None
+        assert p["ideal_speedup"] == pytest.approx(1 / (1 - p["timed_flops_reduction"]))
+        assert set(p["images_per_s"]) == {"backbone", "cascade", "streaming"}
+        for mode in ("batch", "stream"):
+            sp = p[mode_key(mode, "speedup")]
+            assert sp > 0 and 2 <= len(p[mode_key(mode, "speedup_rounds")]) <= 6
+            assert p[mode_key(mode, "achieved_over_ideal")] == pytest.approx(sp / p["ideal_speedup"])
+            assert p[mode_key(mode, "achieved_over_time_ideal")] == pytest.approx(sp / p["time_ideal_speedup"])
+        assert p["time_ideal_speedup"] > 0 and len(p["full_batch_seconds"]["stages"]) == 4
+        assert p["energy_j_per_image"] is None
     # the sweep really exercises the cascade: some points let samples leave early, some do not
     assert max(sum(p["exit_fractions"][:-1]) for p in points) > 0.3
     assert speed["energy"].startswith("energy not measured on CPU")
     assert speed["backbone"]["test_accuracy"] == json.loads((run / "results.json").read_text())["backbone_accuracy"]
     assert (run / "speed.png").stat().st_size > 1000 and (run / "speed.svg").is_file()
-    assert "| calexnet |" in (run / "speed_table.md").read_text()
+    table = (run / "speed_table.md").read_text()
+    assert "| calexnet |" in table and "speedup streaming" in table and "time-ideal" in table
+    assert set(speed["summary"]["calexnet"]) >= {"max_speedup_within_loss", "max_speedup_within_loss_streaming"}
+    assert set(speed["frontiers"]["calexnet"][0]) >= {"accuracy_vs_speedup", "accuracy_vs_speedup_streaming"}
+
+    # one mode only, the stages as trained: the other mode's values are absent, not made up
+    argv = ["measure", "--run", str(run), "--margins", "0.3", *TIMING, "--out", str(tmp_path / "s")]
+    assert cli.main([*argv, "--modes", "stream", "--no-fold"]) == 0
+    stream_only = json.loads((tmp_path / "s" / "speed.json").read_text())
+    assert stream_only["modes"] == ["stream"] and not stream_only["fold_batchnorm"]
+    for p in stream_only["runs"][0]["points"]:
+        assert p["mismatches_streaming"] == 0 and "speedup" not in p and "mismatches" not in p
+        assert set(p["images_per_s"]) == {"backbone", "streaming"}
+    assert set(stream_only["summary"]["calexnet"]) >= {"max_speedup_within_loss_streaming"}
+    assert "max_speedup_within_loss" not in stream_only["summary"]["calexnet"]
+    # --resume measures again when the modes differ
+    assert cli.main([*argv, "--modes", "batch,stream", "--no-fold", "--resume"]) == 0
+    both = json.loads((tmp_path / "s" / "speed.json").read_text())
+    assert both["runs"][0]["points"][0]["modes"] == ["batch", "stream"]
+    with pytest.raises(SystemExit, match="modes"):
+        cli.main([*argv, "--modes", "batch,fast"])
+
+    # the inference form: BatchNorm folded into the timed backbone (and so the cascade's stages), not the trained one
+    session = Session(
+        MeasureConfig(run=str(run), batch_size=48, quiet=True), Run(run).load_backbone(), Run(run).load_data()
+    )
+    bns = [m for m in session.bb.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not bns and any(isinstance(m, torch.nn.BatchNorm2d) for m in session.trained.modules())
+    assert session.images.is_contiguous(memory_format=torch.channels_last)
 
 
 def _midpoints(scores: torch.Tensor, qs) -> list[float]:
@@ -169,8 +211,15 @@ def test_measure_compare_equals_the_compare_results(tmp_path):
         if within:  # the point with the largest reduction within 2 pt was measured
             best = max(within)
             assert any(p["compare"]["flops_reduction"] == best for p in r["points"]), r["method"]
+    for r in speed["runs"]:  # CPM cascades stream; the baselines' score cascades run per batch only
+        stream = r["method"] in ("calexnet", "reference+aligned")
+        for p in r["points"]:
+            assert p["modes"] == (["batch", "stream"] if stream else ["batch"]), r["method"]
+            assert (p.get("mismatches_streaming") == 0) if stream else ("speedup_streaming" not in p)
     assert set(speed["summary"]) == {"calexnet", "reference+aligned", "pteenet", "ztw", "boostnet"}
     assert "speedup_at_m0.2" in speed["summary"]["calexnet"] and "speedup_at_m0.2" not in speed["summary"]["ztw"]
+    assert "speedup_at_m0.2_streaming" in speed["summary"]["calexnet"]
+    assert "max_speedup_within_loss_streaming" not in speed["summary"]["ztw"]
     # --resume keeps what was measured with the same settings (and the other methods' runs), re-measures the rest
     again = ["measure", "--compare", str(out), "--margins=-0.02,0.5", *pick]
     assert cli.main([*again, *TIMING, "--resume", "--methods", "calexnet,ztw"]) == 0
@@ -198,14 +247,75 @@ def test_measure_compare_equals_the_compare_results(tmp_path):
     assert env["speedup"] == sorted(env["speedup"]) and env["accuracy"] == sorted(env["accuracy"], reverse=True)
 
 
+class _Sleepy(torch.nn.Module):
+    """Sleeps ``seconds``, then passes its input on (``n_classes``: as logits of the channel means)."""
+
+    def __init__(self, seconds: float, n_classes: int | None = None) -> None:
+        super().__init__()
+        self.seconds, self.n_classes = seconds, n_classes
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x if self.n_classes is None else x.mean(dim=(2, 3))[:, : self.n_classes]
+
+
+def test_stage_times_and_time_ideal():
+    from calexnet_fast import Cascade
+
+    stages = [_Sleepy(0.002), _Sleepy(0.02), _Sleepy(0.004, n_classes=3)]
+    heads = [_Sleepy(0.006, n_classes=3), _Sleepy(0.0, n_classes=3)]
+    cascade = Cascade(stages, heads, torch.zeros(2, 3), in_channels=3)
+    stage_s, head_s = stage_times(cascade, torch.randn(4, 3, 2, 2), torch.device("cpu"), repeats=3)
+    assert 0.002 <= stage_s[0] < stage_s[2] < stage_s[1] and 0.02 <= stage_s[1] < 0.2
+    assert 0.006 <= head_s[0] and head_s[1] < head_s[0]
+    assert torch.equal(cascade.thresholds, torch.zeros(2, 3))  # restored after the passes
+    # the backbone costs 1 + 2 + 1; every sample pays stage 0 and head 0 (0.5), half go on (2 + 0.5), a quarter
+    # reach the last stage (1)
+    assert time_ideal([1.0, 2.0, 1.0], [0.5, 0.5], [1.0, 0.5, 0.25]) == pytest.approx(4 / (1.5 + 1.25 + 0.25))
+    assert time_ideal([1.0, 1.0], [0.0], [1.0, 1.0]) == 1.0  # nothing exits, free heads: the backbone
+    with pytest.raises(ValueError, match="reach"):
+        time_ideal([1.0, 1.0], [0.0], [1.0])
+    with pytest.raises(ValueError, match="mode"):
+        mode_key("fast", "speedup")
+
+
+def test_throughput_bench_tiny_run(tmp_path, capsys):
+    """``bench/throughput.py`` end to end at toy sizes: every column, the ideals, the agreement checks, the
+    seconds per configuration, JSON and plot."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--device", "cpu", "--model", "resnet18", "--batch-size", "8", "--profiles", "0,0.5", "--repeats", "1"]
+    argv += ["--stream-batches", "2", "--threads", "1", "--no-kernels"]
+    result = bench.main([*argv, "--json", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")])
+    rows = result["rows"]
+    assert [r["target_reduction"] for r in rows] == [0.0, 0.5] and result["seconds"] > 0
+    for r in rows:
+        assert set(r["images_per_s"]) == {"backbone", "reference", "cascade", "streaming"}
+        assert r["exits_agree_with_reference"] and r["streaming_agrees_with_cascade"]
+        assert r["ideal_speedup"]["time"] > 0 and r["seconds"] > 0
+    assert rows[0]["ideal_speedup"]["flops"] < 1 < rows[1]["ideal_speedup"]["flops"]  # no exits: heads cost
+    assert "setup_seconds" in rows[0]
+    assert json.loads((tmp_path / "t.json").read_text())["settings"]["stream_batches"] == 2
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    assert "run s" in capsys.readouterr().out
+
+
 def test_headline_by_hand():
-    def pt(param, acc, sp):
-        return {"param": param, "accuracy": acc, "speedup": sp, "flops_reduction": 0.5, "ideal_speedup": 2.0}
+    def pt(param, acc, sp, stream=None):
+        p = {"param": param, "accuracy": acc, "speedup": sp, "flops_reduction": 0.5, "ideal_speedup": 2.0}
+        return p if stream is None else {**p, "speedup_streaming": stream}
 
     runs = [
-        {"method": "a", "seed": 0, "param_name": "margin", "points": [pt(0.0, 0.90, 1.1), pt(0.2, 0.89, 1.6),
-                                                                       pt(0.3, 0.85, 2.5)]},
-        {"method": "a", "seed": 1, "param_name": "margin", "points": [pt(0.0, 0.90, 1.2), pt(0.2, 0.886, 1.4)]},
+        {"method": "a", "seed": 0, "param_name": "margin", "points": [pt(0.0, 0.90, 1.1, 1.0),
+                                                                       pt(0.2, 0.89, 1.6, 1.9),
+                                                                       pt(0.3, 0.85, 2.5, 3.0)]},
+        {"method": "a", "seed": 1, "param_name": "margin", "points": [pt(0.0, 0.90, 1.2, 1.3),
+                                                                       pt(0.2, 0.886, 1.4, 1.7)]},
         {"method": "b", "seed": 0, "param_name": "threshold", "points": [pt(0.5, 0.7, 3.0)]},
     ]  # fmt: skip
     s = headline(runs, backbone_accuracy=0.895, max_loss=0.01)
@@ -215,8 +325,12 @@ def test_headline_by_hand():
     assert s["a"]["speedup_at_m0.2"]["values"] == [1.6, 1.4]
     assert s["a"]["max_speedup_points"][0]["param"] == 0.2
     assert math.isnan(s["b"]["max_speedup_within_loss"]["mean"]) and "speedup_at_m0.2" not in s["b"]
+    assert s["a"]["max_speedup_within_loss_streaming"]["values"] == [1.9, 1.7]  # the point within 1 pt, streaming
+    assert s["a"]["speedup_at_m0.2_streaming"]["mean"] == pytest.approx(1.8)
+    assert "max_speedup_within_loss_streaming" not in s["b"]  # b was measured per batch only
     table = speed_table(s)
-    assert "| a | 1.50× ± 0.14 | 1.50× ± 0.14 |" in table and "| b | n/a (1/1 seeds have none) |" in table
+    assert "| a | 1.50× ± 0.14 | 1.80× ± 0.14 | 1.50× ± 0.14 | 1.80× ± 0.14 | 88.80 ± 0.28 | 2 |" in table
+    assert "| b | n/a (1/1 seeds have none) | – | – | – | n/a | 1 |" in table
 
 
 def test_measure_points_checks_and_cpu_energy():
@@ -235,6 +349,13 @@ def test_measure_points_checks_and_cpu_energy():
         measure_points(cascade, bb, x, torch.zeros(9, dtype=torch.long), [torch.zeros(2, 3)], prof)
     with pytest.raises(ValueError, match="params"):
         measure_points(cascade, bb, x, torch.zeros(10, dtype=torch.long), [torch.zeros(2, 3)], prof, params=[0.1, 0.2])
+    with pytest.raises(ValueError, match="modes"):
+        measure_points(cascade, bb, x, torch.zeros(10, dtype=torch.long), [torch.zeros(2, 3)], prof, modes=["fast"])
+    cascade.set_thresholds(torch.full((2, 3), -math.inf))
+    with torch.inference_mode():
+        pred = cascade(x).logits.argmax(1)
+    wrong_exit = torch.ones(10, dtype=torch.long)
+    wrong_exit[[0, 4, 9]] = 3  # the "simulated" decisions differ from the real cascade on three images
     rows = measure_points(
         cascade,
         bb,
@@ -242,10 +363,14 @@ def test_measure_points_checks_and_cpu_energy():
         torch.zeros(10, dtype=torch.long),
         [torch.full((2, 3), -math.inf)],  # everything leaves at branch 1
         prof,
+        expected=[(pred, wrong_exit)],
         config=TimingConfig(batch_size=4, repeats=1, warmup=0, timing_images=6),
+        stage_batch=3,
     )
     assert rows[0]["exit_fractions"] == [1.0, 0.0, 0.0] and rows[0]["timed_images"] == 6
     assert rows[0]["flops_reduction"] == pytest.approx(1 - 1.1 / 3)
+    assert rows[0]["mismatches"] == rows[0]["mismatches_streaming"] == 3  # checked in each mode on every image
+    assert rows[0]["modes"] == ["batch", "stream"] and rows[0]["time_ideal_speedup"] > 1
 
     # a round disturbed by another job triggers extra rounds (here: the backbone's first timed call sleeps)
     class Disturbed(torch.nn.Module):

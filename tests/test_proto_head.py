@@ -313,6 +313,17 @@ def test_bad_inputs(make_head):
         proto_head_exit(x, w, b, p, cw, torch.zeros(3), thr)
     with pytest.raises(ValueError, match=r"prototypes: expected shape \[K, 32\], got \[8, 31\]"):
         proto_head_exit(x, w, b, p[:, :31], cw, cb, thr)
+    # the op called directly checks its arguments too, on CPU and on meta tensors (its fake kernel)
+    op = torch.ops.calexnet_fast.proto_head_exit
+    with pytest.raises(ValueError, match=r"features: expected a dtype in .* got torch.float64"):
+        op(x.double(), w, b, p, cw, cb, thr)
+    with pytest.raises(ValueError, match=r"features: expected 16 channels .* got 15"):
+        op(torch.randn(2, 15, 4, 4), w, b, p, cw, cb, thr)
+    meta = [t.to("meta") for t in (x, w, b, p, cw, cb, thr)]
+    with pytest.raises(ValueError, match=r"cls_bias: expected shape \[10\], got \[3\]"):
+        op(*meta[:5], torch.zeros(3, device="meta"), meta[6])
+    logits, exit_, _, _ = op(*meta)
+    assert logits.shape == (2, 10) and exit_.shape == (2,) and logits.device.type == "meta"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(RuntimeError, match="needs a CUDA tensor"):
             _launch_proto_head_exit(x, w, b, p, cw, cb, thr)

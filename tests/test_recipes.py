@@ -14,7 +14,7 @@ from calexnet_fast.calibration import calibrate
 from calexnet_fast.cascades import ReferenceCascade
 from calexnet_fast.data import synthetic_dataset
 from calexnet_fast.exit_rule import apply_exit_rule, exit_decision_reference
-from calexnet_fast.features import FeatureCache, build_feature_cache
+from calexnet_fast.features import FeatureCache, branch_logits, build_feature_cache, head_logits
 from calexnet_fast.recipes import Recipe, kd_loss, survivor_weights
 from calexnet_fast.run import load_heads, save_heads
 from calexnet_fast.training import CachedBatch, FitConfig
@@ -217,8 +217,8 @@ def test_branch_weights_come_from_the_previous_branch_at_m_train(name, weighting
     if weighting == "none":
         assert res.weights[1] is None and res.train_thresholds is None
         return
-    z1_train = recipes.head_logits(res.heads[0], tr, 0)
-    z1_val = recipes.head_logits(res.heads[0], va, 0)
+    z1_train = head_logits(res.heads[0], tr, 0)
+    z1_val = head_logits(res.heads[0], va, 0)
     tau = calibrate([z1_val], va.backbone_logits, va.labels, 0.2, aligned=rec.aligned, min_support=5)
     torch.testing.assert_close(res.train_thresholds, tau)
     expected = survivor_weights([z1_train], tau, weighting, 0.05, 1e-3)
@@ -256,7 +256,7 @@ def test_train_branches_resumes_inside_branch_two(tmp_path):
     save_heads(tmp_path / "heads.safetensors", res.heads, {"recipe": rec.to_json()})
     back, cfg_back = load_heads(tmp_path / "heads.safetensors")
     assert cfg_back["recipe"]["name"] == "calexnet" and len(back) == 2
-    torch.testing.assert_close(recipes.head_logits(back[1], va, 1), recipes.head_logits(res.heads[1], va, 1))
+    torch.testing.assert_close(head_logits(back[1], va, 1), head_logits(res.heads[1], va, 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_full_recipe_beats_chance_end_to_end(trained):
     assert bb_acc > 0.6, f"the tiny backbone should learn the synthetic classes (got {bb_acc:.2f})"
     rec = recipes.recipe("calexnet", head_dim=32, n_prototypes=8, min_support=10)
     res = recipes.train_branches(tr, va, rec, FitConfig(epochs=4, batch_size=64, lr=3e-3), progress=False)
-    zv = [recipes.head_logits(h, va, k) for k, h in enumerate(res.heads)]
+    zv = branch_logits(res.heads, va)
     thr = calibrate(zv, va.backbone_logits, va.labels, 0.1, aligned=True, min_support=10)
     cascade = ReferenceCascade(bb, res.heads.eval(), thr)
     x = torch.stack([data.test[i][0] for i in range(len(data.test))])
@@ -299,7 +299,7 @@ def test_full_recipe_beats_chance_end_to_end(trained):
     # the cache-based simulation used for calibration and evaluation is the cascade's own
     with torch.no_grad():
         sim = cascade.simulate(x)
-    zt = torch.stack([recipes.head_logits(h, te, k) for k, h in enumerate(res.heads)])
+    zt = branch_logits(res.heads, te)
     torch.testing.assert_close(zt, sim.branch_logits, rtol=0, atol=2e-2)  # fp16 cached features
     decided = apply_exit_rule(sim.branch_logits, sim.backbone_logits, thr)
     assert torch.equal(decided.exit_index, out.exit_index)

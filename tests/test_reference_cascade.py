@@ -422,6 +422,19 @@ def test_input_dtype_and_device_must_match_the_cascade():
         half(x)
 
 
+def test_non_tensor_input_empty_images_and_meta_thresholds_are_named():
+    c = tiny_cascade()
+    for run in (c, c.simulate):
+        with pytest.raises(ValueError, match=r"x: expected a 4-D tensor \[B, C, H, W\], got list"):
+            run(torch.randn(2, 3, 8, 8).tolist())
+        with pytest.raises(ValueError, match=r"x: expected a non-empty image size H x W, got shape \[2, 3, 0, 8\]"):
+            run(torch.randn(2, 3, 0, 8))  # was a convolution's "Kernel size can't be greater than ..."
+    before = c.thresholds.clone()
+    with pytest.raises(ValueError, match="thresholds: expected a tensor with values .* got a meta tensor"):
+        c.set_thresholds(torch.zeros(3, 10, device="meta"))
+    assert torch.equal(c.thresholds, before)
+
+
 def test_torch_export_of_simulate():
     c = tiny_cascade(12)
     x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(12))

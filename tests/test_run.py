@@ -14,10 +14,11 @@ from torch import nn
 
 from calexnet_fast import Cascade, backbones, cli
 from calexnet_fast.calibration import calibrate_sweep
+from calexnet_fast.evaluation import CompareConfig
 from calexnet_fast.features import build_feature_cache
 from calexnet_fast.normalization import Normalization
-from calexnet_fast.recipes import head_logits, recipe, train_branches
-from calexnet_fast.run import Run, RunError, SplitLogits, dataset_record, load_splits
+from calexnet_fast.recipes import recipe, train_branches
+from calexnet_fast.run import Run, RunError, SplitLogits, data_and_backbone, dataset_record, load_splits
 from calexnet_fast.training import FitConfig
 
 N_CLASSES = 4
@@ -54,9 +55,7 @@ def api_run(tmp_path_factory) -> Path:
     run = Run.create(path, bb, dataset=DATASET, recipe=rec.to_json(), fit=asdict(fit))
     run.save_heads(res.heads, bb)
     for split in ("val", "test"):
-        c = caches[split]
-        z = torch.stack([head_logits(h, c, k) for k, h in enumerate(res.heads)])
-        run.save_logits(split, SplitLogits(z, c.logits_tensor(), c.labels_tensor()))
+        run.save_logits(split, SplitLogits.of_heads(res.heads, caches[split]))
     return path
 
 
@@ -116,10 +115,26 @@ def test_damaged_or_missing_files_are_reported(api_run, tmp_path):
     with pytest.raises(RunError, match=r"run: expected .*thresholds.safetensors .*calexnet calibrate"):
         Cascade.from_run(run.path)
     (run.path / "config.json").write_text("[1, 2")
-    with pytest.raises(RunError, match="config.json"):
+    with pytest.raises(RunError, match=r"config\.json is not readable JSON \(JSONDecodeError"):
+        run.config()
+    (run.path / "config.json").write_text("[1, 2]")  # valid JSON, not an object
+    with pytest.raises(RunError, match=r"config\.json: expected a JSON object, got list"):
         run.config()
     with pytest.raises(RunError, match="no config.json"):
         Run(tmp_path / "nowhere").config()
+
+
+def test_a_run_computes_its_missing_logits_once(api_run, tmp_path):
+    run = Run(_copy(api_run, tmp_path))
+    kept = run.load_logits("test")
+    assert run.split_logits("test") is not None  # kept ones are returned as they are
+    (run.path / "logits" / "test.safetensors").unlink()
+    again = run.split_logits("test", device="cpu")
+    torch.testing.assert_close(again.branch, kept.branch)
+    assert torch.equal(again.labels, kept.labels)
+    assert torch.equal(run.load_logits("test").branch, again.branch)  # and kept for the next command
+    with pytest.raises(RunError, match="split: expected 'val' or 'test', got 'train'"):
+        run.split_logits("train")
 
 
 def test_logits_of_other_heads_are_not_used(api_run, tmp_path):
@@ -129,6 +144,23 @@ def test_logits_of_other_heads_are_not_used(api_run, tmp_path):
         next(heads[0].parameters()).add_(0.1)
     run.save_heads(heads, run.load_backbone())
     assert run.load_logits("val") is None
+
+
+def test_train_and_compare_options_give_the_same_data_and_backbone():
+    data = ["--dataset", "synthetic", "--synthetic-size", "60", "30", "30", "--synthetic-classes", "3"]
+    args = cli.build_parser().parse_args(["train", "--out", "x", *data, "--random-init", "--backbone", "cifar_resnet8"])
+    args.n_branches = 2
+    kw = dict(synthetic_size=(60, 30, 30), synthetic_classes=3, random_init=True, n_branches=2)
+    cfg = CompareConfig(out="x", dataset="synthetic", backbone="cifar_resnet8", **kw)
+    torch.manual_seed(0)
+    splits, dataset, spec, bb = data_and_backbone(args)
+    torch.manual_seed(0)
+    again = data_and_backbone(cfg)
+    assert dataset == again.dataset and dataset["synthetic"]["n_train"] == 60 and splits.n_classes == 3
+    assert spec == again.spec and spec.n_branches is None and spec.branch_points == list(bb.branch_points)
+    assert len(spec.branch_points) == 2 and splits.val.normalization.mean == tuple(spec.mean)
+    with pytest.raises(RunError, match="backbone cifar_resnet9: "):
+        data_and_backbone(CompareConfig(out="x", dataset="synthetic", backbone="cifar_resnet9", **kw))
 
 
 def test_spec_backbones_without_a_checkpoint_are_saved_with_the_run(tmp_path):

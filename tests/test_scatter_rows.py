@@ -217,6 +217,28 @@ def test_bad_inputs_name_the_argument():
         scatter_rows_reference(x, x[:1], torch.tensor([0], dtype=torch.int32))
 
 
+def test_meta_tensors_and_non_tensor_arguments():
+    """On meta tensors the op (its fake kernel) and the twins check the arguments and write nothing; a list
+    instead of a tensor is named by the twins (and by the op's schema)."""
+    out, src, index = torch.empty(4, 3, device="meta"), torch.empty(2, 3, device="meta"), torch.tensor([0, 9])
+    for fn in (scatter_rows_, scatter_rows__reference):
+        assert fn(out, src, index.to("meta")) is out
+        with pytest.raises(ValueError, match="scatter_rows: src: expected dtype torch.float32"):
+            fn(out, src.double(), index.to("meta"))
+    for fn in (scatter_rows, scatter_rows_reference):
+        result = fn(out, src, index.to("meta"))
+        assert result.device.type == "meta" and result.shape == (4, 3)
+    x = torch.zeros(4, 3)
+    for fn in (scatter_rows__reference, scatter_rows_reference):
+        with pytest.raises(ValueError, match="scatter_rows: src: expected a torch.Tensor, got list"):
+            fn(x, [[1.0, 2.0, 3.0]], torch.tensor([0]))
+        with pytest.raises(ValueError, match="scatter_rows: index: expected a torch.Tensor, got list"):
+            fn(x, x[:1], [0])
+    with pytest.raises(RuntimeError, match="argument 'index'"):
+        scatter_rows_(x, x[:1], [0])
+    assert torch.count_nonzero(x) == 0
+
+
 @pytest.mark.needs_cuda
 def test_src_on_another_device_is_named():
     with pytest.raises((ValueError, RuntimeError), match=r"src.*device"):

@@ -307,6 +307,22 @@ def test_errors():
         list(StreamingCascade(cascade).stream([x[:, :3]]))
 
 
+def test_cascade_stream_shortcut():
+    cascade = _coded_cascade()
+    batches = _coded_batches([5, 0, 13, 1, 8], seed=3)
+    stream = cascade.stream(batches, stage_batch=8, max_wait=1)
+    assert (stream.stage_batch, stream.max_wait) == (8, 1)
+    outs = list(stream)
+    _assert_same(outs, cascade, batches)
+    assert stream.stats.partial_runs[0] >= 1  # the cap forced partial first-stage runs
+    assert list(cascade.stream([])) == []
+    score = ScoreCascade(list(cascade.stages), list(cascade.heads), cascade.thresholds)
+    with pytest.raises(ValueError, match="ScoreCascade"):
+        score.stream(batches)
+    with pytest.raises(ValueError, match="stage_batch"):
+        cascade.stream(batches, stage_batch=0)
+
+
 @pytest.mark.needs_cuda
 def test_cuda_matches_per_batch_without_extra_host_syncs():
     cascade = _coded_cascade().cuda()

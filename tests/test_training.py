@@ -150,33 +150,17 @@ def test_compiled_forward_trains_like_eager(tmp_path):
 
 def test_resume_refuses_a_different_configuration(tmp_path):
     cache = make_cache()
-    training.fit(
-        Probe(),
-        CacheSource(cache),
-        ce,
-        FitConfig(epochs=1, batch_size=16),
-        checkpoint_dir=tmp_path,
-        progress=False,
-    )
-    with pytest.raises(RuntimeError, match=r"different configuration.*lr"):
-        training.fit(
-            Probe(),
-            CacheSource(cache),
-            ce,
-            FitConfig(epochs=1, batch_size=16, lr=0.5),
-            checkpoint_dir=tmp_path,
-            progress=False,
+
+    def fit(resume: bool = True, **config):
+        cfg = FitConfig(epochs=1, batch_size=16, **config)
+        return training.fit(
+            Probe(), CacheSource(cache), ce, cfg, checkpoint_dir=tmp_path, resume=resume, progress=False
         )
-    r = training.fit(
-        Probe(),
-        CacheSource(cache),
-        ce,
-        FitConfig(epochs=1, batch_size=16, lr=0.5),
-        checkpoint_dir=tmp_path,
-        resume=False,
-        progress=False,
-    )
-    assert r.epochs_run == 1
+
+    fit()
+    with pytest.raises(RuntimeError, match=r"different configuration.*lr"):
+        fit(lr=0.5)
+    assert fit(resume=False, lr=0.5).epochs_run == 1
 
 
 def test_nonfinite_loss_is_reported():

@@ -10,11 +10,15 @@ Modules:
 * :mod:`.placement`: cutting a list of named units at branch points, or at ``placement="flops"``.
 * :mod:`.torchvision`: :func:`resnet18`, :func:`resnet50` and :func:`from_torchvision`, torchvision ResNets
   with the ImageNet stem or the usual CIFAR stem (3x3 stride-1 ``conv1``, no max-pool).
-* :mod:`.cifar`: :func:`cifar_resnet`, the CIFAR-10 ResNet-20/32/44/56 of He et al. (option-A shortcuts),
-  loading the checkpoints of ``pretrained/akamaster_resnet_cifar10``.
+* :mod:`.cifar`: :func:`cifar_resnet`, the CIFAR ResNet-20/32/44/56 of He et al. (option-A shortcuts, the
+  checkpoints of ``pretrained/akamaster_resnet_cifar10``; or option-B 1x1 conv + BN shortcuts).
+* :mod:`.generic`: :func:`from_model`, any classifier ``nn.Module`` split at named modules or by FLOPs (its
+  module tree where the forward is a chain, :mod:`.fxsplit` and ``torch.fx`` where it is not).
 * :mod:`.custom`: :func:`from_stages`, any model given as a list of stages plus a final classifier.
-* :mod:`.checkpoints`: reading weight files (``torch.load(weights_only=True)`` or safetensors) and checking
-  that they fit.
+* :mod:`.classmap`: :func:`with_class_map`, a backbone whose classes are finer than the labels.
+* :mod:`.checkpoints`: reading weight files (``torch.load(weights_only=True)`` or safetensors), fitting their
+  keys (``module.`` / ``model.`` prefixes) and explaining a mismatch; :func:`load_weights`.
+* :mod:`.sources`: models by source: ``torchvision:<name>``, ``timm:<name>``, ``path/to/file.py:factory``.
 * :mod:`.spec`: :class:`BackboneSpec` and :func:`build_backbone`, backbones by name (what run directories
   store).
 * :mod:`.inference`: :func:`fold_batchnorm`, the inference form of frozen stages (BatchNorm folded into the
@@ -23,6 +27,7 @@ Modules:
 Nothing here downloads weights.
 """
 
+from .checkpoints import describe_state_dict, load_state_dict_file, load_weights
 from .cifar import (
     CIFAR_RESNET_DEPTHS,
     CifarResNet,
@@ -30,9 +35,12 @@ from .cifar import (
     find_pretrained_cifar_checkpoint,
     load_cifar_resnet_checkpoint,
 )
+from .classmap import ClassMap, with_class_map
 from .custom import from_stages
+from .generic import declared_input, from_model
 from .inference import fold_batchnorm
-from .spec import TORCHVISION_ARCHS, BackboneSpec, build_backbone, cifar_depth, trainable_backbone
+from .sources import build_model, file_sha256, is_model_source
+from .spec import TORCHVISION_ARCHS, BackboneSpec, build_backbone, cifar_depth, cifar_variant, trainable_backbone
 from .staged import FrozenStage, StagedBackbone
 from .torchvision import from_torchvision, resnet18, resnet50
 
@@ -41,17 +49,28 @@ __all__ = [
     "TORCHVISION_ARCHS",
     "BackboneSpec",
     "CifarResNet",
+    "ClassMap",
     "FrozenStage",
     "StagedBackbone",
     "build_backbone",
+    "build_model",
     "cifar_depth",
     "cifar_resnet",
+    "cifar_variant",
+    "declared_input",
+    "describe_state_dict",
+    "file_sha256",
     "find_pretrained_cifar_checkpoint",
     "fold_batchnorm",
+    "from_model",
     "from_stages",
     "from_torchvision",
+    "is_model_source",
     "load_cifar_resnet_checkpoint",
+    "load_state_dict_file",
+    "load_weights",
     "resnet18",
     "resnet50",
     "trainable_backbone",
+    "with_class_map",
 ]

@@ -1,13 +1,14 @@
-"""The CIFAR-10 ResNet-20/32/44/56 of He et al. (2016, option-A shortcuts) and its checkpoints.
+"""The CIFAR ResNet-20/32/44/56/110 of He et al. (2016) and its checkpoints.
 
-:func:`cifar_resnet` builds the staged backbone, optionally loading the checkpoints of
-``pretrained/akamaster_resnet_cifar10`` with ``torch.load(weights_only=True)``.
+Two shortcut variants: option A (stride-2 subsampling, zero-padded channels, no parameters; the akamaster
+checkpoints of ``pretrained/akamaster_resnet_cifar10``, classifier ``linear``) and option B (a 1x1 conv + BN
+projection ``downsample`` where the shape changes, classifier ``fc``; the layout of the widely shared
+CIFAR-10/100 ``resnet20..56`` checkpoints of pytorch-cifar-models). :func:`cifar_resnet` builds the staged
+backbone, optionally loading a checkpoint with ``torch.load(weights_only=True)`` or safetensors.
 """
 
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..normalization import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoints import check_state_dict_fits, load_state_dict_file
+from .checkpoints import load_state_dict_file, load_weights, unwrap_state_dict
 from .placement import split_units
 from .staged import StagedBackbone, as_pair
 
 __all__ = [
     "CIFAR_RESNET_DEPTHS",
     "CifarBasicBlock",
+    "CifarBasicBlockB",
     "CifarResNet",
     "cifar_resnet",
     "find_pretrained_cifar_checkpoint",
@@ -63,21 +65,52 @@ class CifarBasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+class CifarBasicBlockB(nn.Module):
+    """3x3 conv-BN-ReLU, 3x3 conv-BN, plus the option-B shortcut (``downsample``: 1x1 conv + BN where the shape
+    changes, identity elsewhere), then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.downsample: nn.Module = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        else:
+            self.downsample = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.downsample(x))
+
+
 class CifarResNet(nn.Module):
-    """CIFAR ResNet-(6n+2) with 16-32-64 channels and option-A shortcuts (parameter names as akamaster's).
+    """CIFAR ResNet-(6n+2) with 16-32-64 channels.
+
+    Parameter names: option A as akamaster's (``layer1.0.conv1.weight``, ``linear.weight``); option B as
+    pytorch-cifar-models' (``layer2.0.downsample.0.weight``, ``fc.weight``).
 
     Args:
-        depth: 20, 32, 44, 56 (any ``6n + 2`` works).
+        depth: 20, 32, 44, 56, 110 (any ``6n + 2`` works).
         n_classes: classifier outputs.
         in_channels: input channels.
+        shortcut: ``"A"`` (parameter-free) or ``"B"`` (1x1 conv + BN projection).
     """
 
-    def __init__(self, depth: int = 56, n_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, depth: int = 56, n_classes: int = 10, in_channels: int = 3, shortcut: str = "A") -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"depth: expected 6n+2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut: expected 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
         self.depth = depth
+        self.shortcut = shortcut
+        block = CifarBasicBlock if shortcut == "A" else CifarBasicBlockB
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU()
@@ -86,16 +119,25 @@ class CifarResNet(nn.Module):
             blocks = []
             for b in range(n):
                 stride = 2 if (i > 0 and b == 0) else 1
-                blocks.append(CifarBasicBlock(planes_in, planes, stride))
+                blocks.append(block(planes_in, planes, stride))
                 planes_in = planes
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(64, n_classes)
+        setattr(self, self.classifier_name, nn.Linear(64, n_classes))
+
+    @property
+    def classifier_name(self) -> str:
+        """``"linear"`` (option A, akamaster) or ``"fc"`` (option B)."""
+        return "linear" if self.shortcut == "A" else "fc"
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return getattr(self, self.classifier_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(torch.flatten(self.avgpool(x), 1))
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
 def find_pretrained_cifar_checkpoint(depth: int, root: str | Path) -> Path:
@@ -118,33 +160,30 @@ def find_pretrained_cifar_checkpoint(depth: int, root: str | Path) -> Path:
 
 
 def load_cifar_resnet_checkpoint(model: CifarResNet, checkpoint: str | Path | dict) -> CifarResNet:
-    """Load an akamaster-format checkpoint into ``model`` strictly (``torch.load(weights_only=True)``).
+    """Load a CIFAR ResNet checkpoint into ``model`` strictly (``torch.load(weights_only=True)`` or safetensors).
 
     Accepts ``{'state_dict': ..., 'best_prec1': ...}`` or a bare state dict, with or without the ``module.``
-    prefix (from ``nn.DataParallel``). ``num_batches_tracked`` buffers may be absent (old checkpoints).
+    prefix (from ``nn.DataParallel``); the classifier may be called ``linear`` or ``fc`` and an option-B
+    projection ``downsample`` or ``shortcut``. ``num_batches_tracked`` buffers may be absent (old checkpoints).
 
     Raises:
         RuntimeError: the file cannot be read safely, or its keys/shapes do not fit ``model``; the message
-            names the expected architecture and what the checkpoint looks like.
+            lists the missing, unexpected and mis-shaped keys by layer and the architecture the file fits.
     """
+    sd = (
+        unwrap_state_dict(checkpoint)
+        if isinstance(checkpoint, dict)
+        else load_state_dict_file(checkpoint, "checkpoint")
+    )
     where = "checkpoint" if isinstance(checkpoint, dict) else f"checkpoint {str(checkpoint)!r}"
-    sd = checkpoint if isinstance(checkpoint, dict) else load_state_dict_file(checkpoint, "checkpoint")
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    sd = OrderedDict((k[len("module.") :] if k.startswith("module.") else k, v) for k, v in sd.items())
-    expected = model.state_dict()
-    try:
-        check_state_dict_fits(expected, sd, True, what=f"{where}")
-    except RuntimeError as exc:
-        blocks = {m.group(1) for k in sd if (m := re.match(r"layer1\.(\d+)\.", k))}
-        looks = f"ResNet-{6 * len(blocks) + 2}" if blocks else "no CIFAR ResNet"
-        lw = sd.get("linear.weight")
-        classes = f", {lw.shape[0]} classes" if isinstance(lw, torch.Tensor) and lw.dim() == 2 else ""
-        raise RuntimeError(
-            f"{exc} -- expected CIFAR ResNet-{model.depth} ({(model.depth - 2) // 6} blocks per stage, "
-            f"{model.linear.out_features} classes), the checkpoint looks like {looks}{classes}"
-        ) from None
-    model.load_state_dict(sd, strict=False)
+    own = "linear." if model.shortcut == "A" else "fc."
+    aliases = {"linear.": own, "fc.": own, "shortcut.": "downsample."}
+    variant = "option-A shortcuts" if model.shortcut == "A" else "option-B 1x1 conv + BN shortcuts"
+    arch = (
+        f"cifar_resnet{model.depth}{'' if model.shortcut == 'A' else '_b'} ({(model.depth - 2) // 6} blocks per "
+        f"stage, {variant}, {model.classifier.out_features} classes)"
+    )
+    load_weights(model, sd, name=where, arch=arch, aliases=aliases)
     return model
 
 
@@ -159,23 +198,24 @@ def cifar_resnet(
     input_size: int | tuple[int, int] = 32,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    shortcut: str = "A",
 ) -> StagedBackbone:
-    """A frozen, staged CIFAR ResNet-``depth`` (option-A shortcuts), optionally from a checkpoint.
+    """A frozen, staged CIFAR ResNet-``depth``, optionally from a checkpoint.
 
     Args:
         depth: 20, 32, 44, 56 (any ``6n + 2``).
         n_classes: classifier outputs (10 for the akamaster checkpoints).
-        checkpoint: path to (or dict of) an akamaster-format checkpoint, see
-            :func:`load_cifar_resnet_checkpoint` and :func:`find_pretrained_cifar_checkpoint`; ``None`` keeps
-            the random initialisation.
+        checkpoint: path to (or dict of) a checkpoint, see :func:`load_cifar_resnet_checkpoint` and
+            :func:`find_pretrained_cifar_checkpoint`; ``None`` keeps the random initialisation.
         branch_points: ``"layer1"``, ``"layer2"`` (stage ends) or blocks ``"layer2.3"``; the last block of
             ``layer3`` is not allowed. Default ``["layer1", "layer2"]``.
         placement, n_branches: ``placement="flops"`` picks ``n_branches`` block boundaries nearest to equal
             FLOPs fractions.
         input_size: default 32x32.
         mean, std: input normalisation; the akamaster checkpoints use the ImageNet statistics (default).
+        shortcut: ``"A"`` (akamaster) or ``"B"`` (1x1 conv + BN projections, classifier ``fc``).
     """
-    model = CifarResNet(depth, n_classes, in_channels=len(mean))
+    model = CifarResNet(depth, n_classes, in_channels=len(mean), shortcut=shortcut)
     if checkpoint is not None:
         load_cifar_resnet_checkpoint(model, checkpoint)
     model.requires_grad_(False)
@@ -189,7 +229,7 @@ def cifar_resnet(
         aliases[layer] = f"{layer}.{len(blocks) - 1}"
     last_block = units[-1][0]
     del aliases["layer3"]
-    units += [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("linear", model.linear)]
+    units += [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), (model.classifier_name, model.classifier)]
     candidates = [n for n, _ in units if n.startswith("layer") and n != last_block]
     return split_units(
         units,
@@ -203,5 +243,5 @@ def cifar_resnet(
         input_size=as_pair(input_size, "input_size"),
         mean=mean,
         std=std,
-        name=f"cifar_resnet{depth}",
+        name=f"cifar_resnet{depth}" + ("" if shortcut == "A" else "_b"),
     )

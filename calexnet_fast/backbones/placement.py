@@ -15,7 +15,16 @@ from torch import nn
 from ..flops import count_flops
 from .staged import FrozenStage, StagedBackbone
 
-__all__ = ["split_units"]
+__all__ = [
+    "DEFAULT_N_BRANCHES",
+    "check_n_branches",
+    "is_conv",
+    "pick_by_flops",
+    "placement_candidates",
+    "split_units",
+]
+
+DEFAULT_N_BRANCHES = 3  # placement="flops" without n_branches (fewer when the model has fewer blocks)
 
 
 def _unit_flops(units: list[tuple[str, nn.Module]], example: torch.Tensor) -> list[float]:
@@ -32,23 +41,50 @@ def _unit_flops(units: list[tuple[str, nn.Module]], example: torch.Tensor) -> li
 def _flops_placement(
     units: list[tuple[str, nn.Module]], candidates: list[str], n_branches: int, example: torch.Tensor
 ) -> list[str]:
-    """``n_branches`` candidate boundaries nearest (in cumulative FLOPs) to ``j / (K + 1)`` of the total.
+    """``n_branches`` candidate boundaries nearest (in cumulative FLOPs) to ``j / (K + 1)`` of the total."""
+    check_n_branches(n_branches, len(candidates))
+    per_unit = _unit_flops(units, example)
+    position = {name: i for i, (name, _) in enumerate(units)}
+    cum = [sum(per_unit[: position[c] + 1]) for c in candidates]
+    return [candidates[i] for i in pick_by_flops(cum, sum(per_unit), n_branches)]
+
+
+def is_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd)
+
+
+def placement_candidates(units: Sequence[tuple[str, nn.Module]], dims: Sequence[int]) -> list[int]:
+    """Indices of the unit boundaries ``placement="flops"`` chooses from, given the units in forward order and
+    the dimensionality of each one's output: after every block (a unit with children; in a stack of plain
+    layers, every unit followed by a convolution) with a 4-D output, except the last such block (it feeds the
+    classifier)."""
+    n = len(units)
+    blocks = [i for i in range(n - 1) if dims[i] == 4 and next(units[i][1].children(), None) is not None]
+    if not blocks:  # a stack of plain layers (VGG): the boundaries before a convolution
+        blocks = [i for i in range(n - 1) if dims[i] == 4 and is_conv(units[i + 1][1])]
+    return blocks[:-1] if len(blocks) > 1 else blocks
+
+
+def check_n_branches(n_branches: int, n_candidates: int) -> None:
+    if n_candidates == 0:
+        raise ValueError(
+            "n_branches: the model has no block boundary with a 4-D feature map where placement='flops' could "
+            "put a branch; name branch_points instead"
+        )
+    if n_branches < 1 or n_branches > n_candidates:
+        raise ValueError(f"n_branches: expected 1..{n_candidates} (the number of block boundaries), got {n_branches}")
+
+
+def pick_by_flops(cum: Sequence[float], total: float, n_branches: int) -> list[int]:
+    """Indices of ``n_branches`` increasing candidates whose cumulative FLOPs ``cum`` are nearest to
+    ``j / (K + 1)`` of ``total``.
 
     Solved exactly by dynamic programming over increasing candidate choices, minimising the summed distance
     of each branch point's cumulative FLOPs to its target (nearest boundary, ties to the earlier one).
     """
-    if n_branches < 1 or n_branches > len(candidates):
-        raise ValueError(
-            f"n_branches: expected 1..{len(candidates)} (the number of block boundaries), got {n_branches}"
-        )
-    per_unit = _unit_flops(units, example)
-    total = sum(per_unit)
-    position = {name: i for i, (name, _) in enumerate(units)}
-    cum = []
-    for c in candidates:
-        cum.append(sum(per_unit[: position[c] + 1]))
+    check_n_branches(n_branches, len(cum))
     targets = [total * (j + 1) / (n_branches + 1) for j in range(n_branches)]
-    m, inf = len(candidates), float("inf")
+    m, inf = len(cum), float("inf")
     # cost[j][i]: best total distance for branches 0..j with branch j at candidate i.
     cost = [[inf] * m for _ in range(n_branches)]
     back = [[-1] * m for _ in range(n_branches)]
@@ -67,7 +103,7 @@ def _flops_placement(
     for j in range(n_branches - 1, 0, -1):
         i = back[j][i]
         chosen.append(i)
-    return [candidates[i] for i in reversed(chosen)]
+    return list(reversed(chosen))
 
 
 def split_units(

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..features import FeatureCache
+from ..features import FeatureCache, predict
 from ..flops import count_flops
 from ..io import load_state_file, save_state_file
-from ..training import BatchSource, CacheSource, FitConfig, fit, predict
+from ..training import BatchSource, CacheSource, FitConfig, fit
 from .models import ZTW, BoostNet, ExitOutputs, PTEEnet
 
 __all__ = [

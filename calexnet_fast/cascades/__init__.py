@@ -8,8 +8,9 @@ head and its exit decision run, how survivors are compacted and how the outputs 
 - :class:`DeployableCascade` (``deployable``): the TorchScript form of ``Cascade``.
 - :class:`ScoreCascade` (``score``): ``Cascade`` with the baselines' score-based exit decision.
 
-:class:`StreamingCascade` (``streaming``) runs a ``Cascade`` or ``ReferenceCascade`` over a stream of input
-batches with the same steps, survivors re-batched so that every stage runs on full stage batches.
+:class:`StreamingCascade` (``streaming``; ``Cascade.stream`` for short) runs a ``Cascade`` or
+``ReferenceCascade`` over a stream of input batches with the same steps, survivors re-batched so that every
+stage runs on full stage batches.
 
 The exit rule they share is :mod:`calexnet_fast.exit_rule`; :class:`CascadeOutput` is what they return.
 """

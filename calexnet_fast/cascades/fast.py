@@ -21,7 +21,9 @@ back on its own (with one warning, see ``python -m calexnet_fast.info``) where i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +34,9 @@ from ..heads import FoldedPrototypeHead, PrototypePoolingHead
 from ..kernels import exit_decision, proto_head_exit, proto_head_operand_dtypes
 from .deployable import DeployableCascade
 from .reference import ReferenceCascade
+
+if TYPE_CHECKING:
+    from .streaming import Stream
 
 __all__ = ["Cascade"]
 
@@ -102,6 +107,19 @@ class Cascade(ReferenceCascade):
         deployable.in_channels = self.in_channels
         deployable.branch_points = list(self.branch_points)
         return torch.jit.script(deployable)
+
+    def stream(self, batches: Iterable[torch.Tensor], stage_batch: int = 64, max_wait: int | None = None) -> Stream:
+        """This cascade over a stream of input batches, every stage on full batches of ``stage_batch`` rows:
+        ``StreamingCascade(self, stage_batch, max_wait).stream(batches)``
+        (:class:`~calexnet_fast.cascades.StreamingCascade`; ``max_wait`` is its latency cap).
+
+        Returns:
+            An iterator of :class:`~calexnet_fast.exit_rule.CascadeOutput`, one per input batch, in order: the
+            very outputs ``self(x)`` gives each batch (logits to float rounding).
+        """
+        from .streaming import StreamingCascade  # streaming builds on this module
+
+        return StreamingCascade(self, stage_batch, max_wait).stream(batches)
 
     def plan(self, device: torch.device | str) -> Plan:
         """The backend used for inputs on ``device``, and why (the same report as ``calexnet_fast.info``)."""

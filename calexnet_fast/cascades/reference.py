@@ -206,8 +206,12 @@ class ReferenceCascade(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is [B, in_channels, H, W] on the cascade's device and dtype."""
+        if not torch.jit.is_scripting() and not isinstance(x, torch.Tensor):
+            raise ValueError(f"x: expected a 4-D tensor [B, C, H, W], got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"x: expected a 4-D tensor [B, C, H, W], got shape {list(x.shape)}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"x: expected a non-empty image size H x W, got shape {list(x.shape)}")
         if self.in_channels > 0 and x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected {self.in_channels} channels (dimension 1), got {x.shape[1]}")
         if x.device != self.thresholds.device:

@@ -7,7 +7,7 @@ import time
 
 from ..calibration import calibrate_sweep
 from ..run import Run
-from .common import add_execution_args, log, margins_of, setup, split_logits
+from .common import add_calibration_args, add_execution_args, device_of, log, margins_of, setup
 
 NAME = "calibrate"
 HELP = "fit CPM exit thresholds on the validation split for a sweep of margins"
@@ -27,17 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory of `calexnet train` (or saved from Python)")
     p.add_argument("--margins", help="START:STOP:COUNT or a comma list (default 0:0.5:51)")
     p.add_argument("--margin", type=float, help="a single margin instead of a sweep")
-    p.add_argument(
-        "--aligned",
-        dest="aligned",
-        action="store_true",
-        default=None,
-        help="aligned calibration (default: as the run's recipe)",
-    )
-    p.add_argument("--no-aligned", dest="aligned", action="store_false", help="unaligned calibration")
-    p.add_argument("--margin-mode", choices=("additive", "relative"), help="default: as the recipe")
-    p.add_argument("--min-support", type=int, help="default: as the recipe (20)")
-    p.add_argument("--bar-from", choices=("subset", "full_validation"), help="default: as the recipe")
+    add_calibration_args(p, "as the run's recipe")
     p.add_argument("--data-dir", help="dataset directory if it moved since training (only to compute missing logits)")
     add_execution_args(p)
 
@@ -47,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Run(args.run)
     rec = {**DEFAULTS, **(run_dir.config().get("recipe") or {})}
     margins = margins_of(args.margins, args.margin)
-    val = split_logits(run_dir, "val", args)
+    val = run_dir.split_logits("val", data_dir=args.data_dir, device=device_of(args), progress=not args.quiet)
     opts = {
         "aligned": rec["aligned"] if args.aligned is None else args.aligned,
         "margin_mode": args.margin_mode or rec["margin_mode"],

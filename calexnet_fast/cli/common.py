@@ -1,5 +1,6 @@
-"""What the commands share: progress lines, execution set-up, the argument groups for data, backbone, feature
-cache and execution, and turning those arguments into the library's records."""
+"""What the commands share: progress lines, execution set-up, and the argument groups for data, backbone,
+feature cache and execution. Their options keep the names the library reads them by
+(``calexnet_fast.run.data_and_backbone``, ``calexnet_fast.run.CacheConfig.of_options``)."""
 
 from __future__ import annotations
 
@@ -9,24 +10,21 @@ import sys
 
 import torch
 
+from ..calibration import BAR_SOURCES, MARGIN_MODES
 from ..data import DATASETS
 from ..distributed import DistInfo, default_device, init_distributed
 from ..evaluation import parse_margins
-from ..run import CacheConfig, Run, SplitLogits, backbone_spec, dataset_record
 
 __all__ = [
     "add_backbone_args",
     "add_cache_args",
+    "add_calibration_args",
     "add_data_args",
     "add_execution_args",
-    "cache_of",
-    "dataset_of",
     "device_of",
     "log",
     "margins_of",
     "setup",
-    "spec_of",
-    "split_logits",
 ]
 
 log = logging.getLogger("calexnet_fast.cli")
@@ -87,9 +85,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--val-size",
         type=float,
-        default=5000,
         help="validation images carved out of train when the dataset has no valid split: a count, "
-        "or a fraction < 1 (default 5000)",
+        "or a fraction < 1 (default 5000, or 20%% of the training split when it has fewer than 25,000 images)",
     )
     g.add_argument(
         "--split-seed",
@@ -110,19 +107,25 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("frozen backbone")
+    g = p.add_argument_group("frozen backbone (any classifier: built-in, torchvision, timm, or your own file)")
     g.add_argument(
         "--backbone",
         default="cifar_resnet56",
-        help="cifar_resnet<depth> (20, 32, 44, 56: the pretrained CIFAR-10 ResNets), resnet18 or "
-        "resnet50 (default cifar_resnet56)",
+        help="cifar_resnet<depth> (20, 32, 44, 56: the pretrained CIFAR-10 ResNets; cifar_resnet<depth>_b: "
+        "option-B 1x1 conv shortcuts), resnet18 or resnet50; or any model: torchvision:<name> (e.g. "
+        "torchvision:mobilenet_v3_small), timm:<name> (needs timm), path/to/file.py:factory (a function "
+        "returning the nn.Module; called with n_classes= or num_classes= if it takes one). Default cifar_resnet56",
     )
     g.add_argument(
         "--backbone-run",
         help="a directory written by `calexnet train-backbone` (sets --backbone, "
         "--stem, --checkpoint and the normalisation)",
     )
-    g.add_argument("--checkpoint", help="backbone weights: an akamaster .th file, or a .safetensors state dict")
+    g.add_argument(
+        "--checkpoint",
+        help="backbone weights: a state dict in a .safetensors file or a torch.save file (read with "
+        "weights_only=True; 'module.'/'model.' prefixes and {'state_dict': ...} wrappers are handled)",
+    )
     g.add_argument(
         "--pretrained-dir",
         help="folder holding pretrained/akamaster_resnet_cifar10/resnet<depth>-*.th (default "
@@ -133,14 +136,48 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use a randomly initialised backbone (smoke tests only: its features are meaningless)",
     )
-    g.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="torchvision ResNets: the stem")
+    g.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="resnet18/resnet50: the stem")
     g.add_argument(
         "--branch-points",
         nargs="+",
-        help="where branches read features, e.g. layer1 layer2 or layer1.4 layer2.2 layer3.1 "
-        "(default: the backbone's, layer1 layer2 for CIFAR ResNets)",
+        help="module names after which branches read features, e.g. layer1 layer2, layer1.4 layer2.2 layer3.1, "
+        "features.4 features.9 (default: the backbone's, layer1 layer2 for CIFAR ResNets; 3 placed by FLOPs "
+        "for other models). A wrong name lists the valid ones",
     )
     g.add_argument("--n-branches", type=int, help="instead of --branch-points: this many points at equal FLOPs")
+    g.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        help="per-channel input mean the backbone was trained with (default: the model's own, e.g. timm's; "
+        "else ImageNet's 0.485 0.456 0.406); recorded in the run",
+    )
+    g.add_argument(
+        "--std", type=float, nargs="+", help="per-channel input std, as --mean (ImageNet: 0.229 0.224 0.225)"
+    )
+    g.add_argument(
+        "--class-map",
+        help="when the backbone's classes are finer than the labels: 'dataset' (the dataset's own fine -> label "
+        "map, e.g. CIFAR-100 fine -> coarse) or a JSON file with one label per backbone class; a label's "
+        "probability is the sum over its classes",
+    )
+
+
+def add_calibration_args(g, default: str) -> None:
+    """The CPM calibration options on the parser or group ``g``; each is ``None`` unless given, and then
+    ``default`` holds (its words end each help line)."""
+    d = f" (default: {default})"
+    g.add_argument(
+        "--aligned",
+        dest="aligned",
+        action="store_true",
+        default=None,
+        help="cascade-aligned calibration (survivors of earlier branches)" + d,
+    )
+    g.add_argument("--no-aligned", dest="aligned", action="store_false", help="calibrate each branch on all samples")
+    g.add_argument("--margin-mode", choices=MARGIN_MODES, help="CPM bar Pr-m or (1-m)Pr" + d)
+    g.add_argument("--min-support", type=int, help="CPM minimum exiting set per class" + d)
+    g.add_argument("--bar-from", choices=BAR_SOURCES, help="where Pr_c is measured" + d)
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -172,66 +209,3 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: GPU if available)")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-
-
-# --------------------------------------------------------------------------------------------------
-# arguments -> library records
-# --------------------------------------------------------------------------------------------------
-
-
-def dataset_of(args: argparse.Namespace) -> dict:
-    """The run's ``dataset`` record from the data arguments."""
-    return dataset_record(
-        args.dataset,
-        args.data_dir,
-        val_size=args.val_size,
-        split_seed=args.split_seed,
-        image_size=args.image_size,
-        synthetic_size=args.synthetic_size,
-        synthetic_classes=args.synthetic_classes,
-    )
-
-
-def spec_of(args: argparse.Namespace, n_classes: int):
-    """The ``BackboneSpec`` of the backbone arguments."""
-    return backbone_spec(
-        args.backbone,
-        n_classes,
-        checkpoint=args.checkpoint,
-        backbone_run=args.backbone_run,
-        pretrained_dir=args.pretrained_dir,
-        random_init=args.random_init,
-        stem=args.stem,
-        branch_points=args.branch_points,
-        n_branches=args.n_branches,
-        input_size=args.image_size,
-    )
-
-
-def cache_of(args: argparse.Namespace) -> CacheConfig:
-    """The feature-cache options."""
-    return CacheConfig(args.cache, args.cache_dir, args.cache_dtype, args.feature_batch_size, args.workers)
-
-
-def split_logits(run: Run, split: str, args: argparse.Namespace) -> SplitLogits:
-    """The logits of a run's split: from the run, or computed once (the backbone runs over the split) and kept."""
-    from ..recipes import head_logits
-
-    logits = run.load_logits(split)
-    if logits is not None:
-        return logits
-    log.info(
-        "no %s logits in %s for its heads: computing them once (the backbone runs over the split)", split, run.path
-    )
-    config = run.config()
-    heads, _ = run.load_heads()
-    splits = run.load_data(getattr(args, "data_dir", None))
-    dataset = splits.test if split == "test" else splits.val
-    device = device_of(args)
-    cache = CacheConfig.from_json(config.get("cache")).build(
-        run.load_backbone(), dataset, split, run.path, device=device, progress=not args.quiet
-    )
-    z = torch.stack([head_logits(h, cache, k, device=device) for k, h in enumerate(heads)])
-    logits = SplitLogits(z.cpu(), cache.logits_tensor(), cache.labels_tensor())
-    run.save_logits(split, logits)
-    return logits

@@ -6,7 +6,7 @@ import argparse
 
 from ..evaluation import evaluate_points
 from ..run import Run
-from .common import add_execution_args, log, setup, split_logits
+from .common import add_execution_args, device_of, log, setup
 
 NAME = "evaluate"
 HELP = "accuracy and FLOPs reduction of the calibrated cascade on the test split"
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Run(args.run)
     config = run_dir.config()
     sweep = run_dir.load_thresholds()
-    z = split_logits(run_dir, args.split, args)
+    z = run_dir.split_logits(args.split, data_dir=args.data_dir, device=device_of(args), progress=not args.quiet)
     profile = run_dir.flops_profile()
     points = evaluate_points(z.branch, z.backbone, z.labels, sweep.thresholds, sweep.margins, profile)
     bb_acc = float((z.backbone.argmax(1) == z.labels).float().mean())

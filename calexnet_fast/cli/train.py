@@ -7,24 +7,19 @@ import sys
 import time
 from dataclasses import asdict
 
-import torch
-
-from ..backbones import build_backbone
-from ..data import stratified_split
-from ..recipes import RECIPE_NAMES, head_logits, recipe, train_branches
-from ..run import Run, SplitLogits, load_splits, spec_normalization
+from ..data import default_min_support, stratified_subset
+from ..recipes import RECIPE_NAMES, recipe, train_branches
+from ..run import CacheConfig, Run, SplitLogits, data_and_backbone
 from ..training import FitConfig, seed_everything
 from .common import (
     add_backbone_args,
     add_cache_args,
+    add_calibration_args,
     add_data_args,
     add_execution_args,
-    cache_of,
-    dataset_of,
     device_of,
     log,
     setup,
-    spec_of,
 )
 
 NAME = "train"
@@ -90,18 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("backbone", "labels"),
         help="CE target: the backbone's argmax (default) or the ground-truth labels",
     )
-    g.add_argument(
-        "--aligned",
-        dest="aligned",
-        action="store_true",
-        default=None,
-        help="cascade-aligned calibration (survivors of earlier branches)",
-    )
-    g.add_argument("--no-aligned", dest="aligned", action="store_false", help="calibrate each branch on all samples")
+    add_calibration_args(g, "the recipe's")
     g.add_argument("--m-train", type=float, help="margin of the thresholds behind the training weights (0.2)")
-    g.add_argument("--margin-mode", choices=("additive", "relative"), help="CPM bar Pr-m or (1-m)Pr")
-    g.add_argument("--min-support", type=int, help="CPM minimum exiting set per class (20)")
-    g.add_argument("--bar-from", choices=("subset", "full_validation"), help="where Pr_c is measured")
     g.add_argument("--head-dim", type=int, help="prototype head projection width D (128)")
     g.add_argument("--n-prototypes", type=int, help="prototype head K (32)")
     g = p.add_argument_group("optimisation of each head (on cached features)")
@@ -124,41 +109,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     info = setup(args)
     seed_everything(args.seed)  # seeds the initialisation of a --random-init backbone too (then saved in the run)
-    dataset = dataset_of(args)
-    splits = load_splits(dataset)
-    spec = spec_of(args, splits.n_classes)
-    splits = splits.with_normalization(spec_normalization(spec))
-    try:
-        bb = build_backbone(spec)
-    except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: backbone {spec.arch}: {e}") from None
-    spec.branch_points, spec.n_branches = list(bb.branch_points), None
-    if bb.n_classes != splits.n_classes:
-        raise SystemExit(
-            f"error: the backbone has {bb.n_classes} classes, dataset {dataset['name']} has {splits.n_classes}"
-        )
-    rec = recipe(args.recipe, **{f: getattr(args, f) for f in RECIPE_OPTIONS if getattr(args, f) is not None})
-    fit_cfg = FitConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
+    splits, dataset, spec, bb = data_and_backbone(args)
+    options = {f: getattr(args, f) for f in RECIPE_OPTIONS if getattr(args, f) is not None}
+    options.setdefault("min_support", default_min_support(len(splits.val)))  # scaled to small validation splits
+    rec = recipe(args.recipe, **options)
+    fit_cfg = FitConfig.of_options(args, args.seed)
     train_set, train_name = splits.train, "train"
     if args.train_subset:
-        if not 0 < args.train_subset < len(train_set):
-            raise SystemExit(f"error: --train-subset: expected 1..{len(train_set) - 1}, got {args.train_subset}")
-        _, idx = stratified_split(train_set.labels, args.train_subset, seed=args.split_seed)
-        train_set, train_name = train_set.subset(idx), f"train_subset{args.train_subset}"
+        train_set = stratified_subset(train_set, args.train_subset, args.split_seed, name="--train-subset")
+        train_name = f"train_subset{args.train_subset}"
         dataset["train_subset"] = args.train_subset
     device = device_of(args)
     log.info(
         f"recipe {rec.name} on {bb.name} (branch points {bb.branch_points}), {dataset['name']}: "
         f"{len(train_set)} train / {len(splits.val)} val images, device {device}, {info.world_size} process(es)"
     )
-    cache = cache_of(args)
+    cache = CacheConfig.of_options(args)
     run_dir = Run(args.out)
     if info.is_main:
         run_dir = Run.create(
@@ -196,8 +162,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir.save_heads(res.heads, bb, {"recipe": rec.to_json(), "backbone": spec.to_json(), "fit": asdict(fit_cfg)})
     te = cache.build(bb, splits.test, "test", run_dir.path, device=device, progress=progress)
     for split, c in (("val", va), ("test", te)):
-        z = torch.stack([head_logits(h, c, k, device=device) for k, h in enumerate(res.heads)]).cpu()
-        run_dir.save_logits(split, SplitLogits(z, c.logits_tensor(), c.labels_tensor()))
+        run_dir.save_logits(split, SplitLogits.of_heads(res.heads, c, device=device))
     run_dir.save_train_log(
         {
             "history": res.history,

@@ -11,9 +11,9 @@ from pathlib import Path
 from ..backbones import trainable_backbone
 from ..io import write_json
 from ..normalization import normalization_for
-from ..run import load_splits, save_trained_backbone, versions
+from ..run import dataset_record_of, load_splits, save_trained_backbone, versions
 from ..training import BackboneTrainConfig, evaluate_classifier, seed_everything, train_backbone
-from .common import add_data_args, add_execution_args, dataset_of, device_of, log, setup
+from .common import add_data_args, add_execution_args, device_of, log, setup
 
 NAME = "train-backbone"
 HELP = "train a torchvision ResNet (or CIFAR ResNet) backbone on a dataset"
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     out = Path(args.out)
     norm = normalization_for(args.arch, args.normalization)
-    dataset = dataset_of(args)
+    dataset = dataset_record_of(args)
     splits = load_splits(dataset, norm)
     model = trainable_backbone(args.arch, splits.n_classes, args.stem)
     cfg = BackboneTrainConfig(

@@ -92,15 +92,16 @@ def _find_pickle_dir(root: Path, marker: str, subdir: str) -> Path | None:
 def load_cifar10(
     data_dir: str | os.PathLike | None = None,
     *,
-    val_size: int | float = 5000,
+    val_size: int | float | None = None,
     split_seed: int = 0,
     normalization: Normalization | None = None,
     image_size: int | None = None,
 ) -> DataSplits:
     """CIFAR-10 from the official pickles or an ImageFolder ``train/test`` tree (format detected).
 
-    Validation: ``val_size`` images carved out of train (stratified, ``split_seed``), unless an
-    ImageFolder tree has its own ``valid/`` split.
+    Validation: ``val_size`` images carved out of train (stratified, ``split_seed``; default
+    :func:`~calexnet_fast.data.splits.default_val_size`), unless an ImageFolder tree has its own ``valid/``
+    split.
     """
     root = resolve_data_dir("cifar10", data_dir)
     pdir = _find_pickle_dir(root, "data_batch_1", "cifar-10-batches-py")
@@ -153,12 +154,18 @@ def load_cifar100(
     data_dir: str | os.PathLike | None = None,
     *,
     coarse: bool = True,
-    val_size: int | float = 5000,
+    val_size: int | float | None = None,
     split_seed: int = 0,
     normalization: Normalization | None = None,
     image_size: int | None = None,
 ) -> DataSplits:
     """CIFAR-100 from the official pickles ``train``, ``test``, ``meta``.
+
+    Both variants expose the fine classes: ``splits.fine_classes`` (100 names), ``splits.fine_to_coarse`` (the
+    superclass of each fine class, read from the pickles; ``None`` if they lack a fine class) and each split's
+    ``fine_labels``; a backbone trained
+    on the fine classes serves the coarse labels through that map (``--class-map dataset``,
+    :func:`calexnet_fast.backbones.with_class_map`).
 
     Args:
         coarse: use the 20 superclass labels (``coarse_labels``, ``coarse_label_names``); ``False`` for the
@@ -172,21 +179,27 @@ def load_cifar100(
             f"{listing(root)}. Expected {HOW_TO_GET['cifar100']}."
         )
     label_key = "coarse_labels" if coarse else "fine_labels"
-    name_key = "coarse_label_names" if coarse else "fine_label_names"
     name = "cifar100-coarse" if coarse else "cifar100"
-    meta = _load_pickle(pdir / "meta", name, [name_key])
-    classes = _names(meta[name_key])
-    splits, strata = {}, None
+    meta = _load_pickle(
+        pdir / "meta", name, ["fine_label_names", "coarse_label_names"] if coarse else ["fine_label_names"]
+    )
+    fine_classes = _names(meta["fine_label_names"])
+    classes = _names(meta["coarse_label_names"]) if coarse else fine_classes
+    splits, pairs = {}, set()
     for split in ("train", "test"):
         p = pdir / split
-        d = _load_pickle(p, name, ["data", label_key])
-        splits[split] = ImageDataset(
-            torch.as_tensor(list(d[label_key]), dtype=torch.int64), classes, images=_cifar_images(d, p, name)
-        )
-        if split == "train" and "fine_labels" in d:
-            # stratify on the fine labels (which stratifies the coarse ones too): the coarse and fine
-            # variants then calibrate on the same validation images
-            strata = torch.as_tensor(list(d["fine_labels"]), dtype=torch.int64)
+        d = _load_pickle(p, name, ["data", "fine_labels", label_key])
+        fine = torch.as_tensor(list(d["fine_labels"]), dtype=torch.int64)
+        if "coarse_labels" in d:
+            pairs |= set(zip(fine.tolist(), (int(c) for c in d["coarse_labels"])))
+        labels = torch.as_tensor(list(d[label_key]), dtype=torch.int64)
+        splits[split] = ImageDataset(labels, classes, images=_cifar_images(d, p, name), fine_labels=fine)
+    fine_to_coarse = dict(sorted(pairs))
+    if len(fine_to_coarse) != len(pairs):
+        raise ValueError(f"{name}: {pdir}: a fine label comes with several coarse labels (not a fine -> coarse map)")
+    complete = sorted(fine_to_coarse) == list(range(len(fine_classes)))
+    # stratify on the fine labels (which stratifies the coarse ones too): the coarse and fine variants then
+    # calibrate on the same validation images
     return finish_splits(
         name,
         str(pdir),
@@ -199,5 +212,6 @@ def load_cifar100(
         normalization,
         image_size,
         {"format": "pickle", "labels": label_key},
-        strata=strata,
+        strata=splits["train"].fine_labels,
+        fine=(fine_classes, [fine_to_coarse[i] for i in range(len(fine_classes))] if complete else None),
     )

@@ -18,7 +18,7 @@ def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,
     *,
-    val_size: int | float = 5000,
+    val_size: int | float | None = None,
     split_seed: int = 0,
     normalization: Normalization | str | None = None,
     image_size: int | None = None,
@@ -31,7 +31,8 @@ def load_dataset(
             ``imagefolder`` or ``synthetic``.
         data_dir: the dataset's directory; default from the environment (see :mod:`.catalog`).
         val_size: validation samples carved out of train where there is no official split (count or
-            fraction).
+            fraction); default :func:`~calexnet_fast.data.splits.default_val_size` (5,000, or 20 % of a
+            training split under 25,000 images).
         split_seed: seed of that split; keep it fixed across training seeds.
         normalization: a :class:`~calexnet_fast.normalization.Normalization` or a key of
             :data:`~calexnet_fast.normalization.NORMALIZATIONS`; default ImageNet statistics (what every

@@ -36,7 +36,7 @@ def load_imagefolder(
     data_dir: str | os.PathLike | None = None,
     *,
     name: str = "imagefolder",
-    val_size: int | float = 5000,
+    val_size: int | float | None = None,
     split_seed: int = 0,
     normalization: Normalization | None = None,
     image_size: int | None = None,

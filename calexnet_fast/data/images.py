@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..normalization import NORMALIZATIONS, Normalization
 
-__all__ = ["IMAGE_EXTENSIONS", "PRELOAD_MAX_SIDE", "ImageDataset", "decode_all", "open_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "PRELOAD_MAX_SIDE", "ImageDataset", "decode_all", "open_rgb", "pixel_statistics"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 
@@ -39,6 +39,8 @@ class ImageDataset(Dataset):
         normalization: pixel normalisation.
         augment: training augmentation on/off.
         image_size: output side; default the stored side (in-memory) or 224 (lazy files).
+        fine_labels: [N] finer labels of the same images where the dataset has them (CIFAR-100's 100 fine
+            classes beside its 20 coarse labels); kept through :meth:`subset` and :meth:`with_options`.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class ImageDataset(Dataset):
         normalization: Normalization | None = None,
         augment: bool = False,
         image_size: int | None = None,
+        fine_labels: torch.Tensor | None = None,
     ) -> None:
         if (images is None) == (paths is None):
             raise ValueError("ImageDataset: expected exactly one of images= or paths=")
@@ -66,7 +69,12 @@ class ImageDataset(Dataset):
             raise ValueError(
                 f"labels: expected values in [0, {len(classes) - 1}], got [{int(labels.min())}, {int(labels.max())}]"
             )
+        if fine_labels is not None:
+            fine_labels = torch.as_tensor(fine_labels, dtype=torch.int64)
+            if tuple(fine_labels.shape) != tuple(labels.shape):
+                raise ValueError(f"fine_labels: expected shape {list(labels.shape)}, got {list(fine_labels.shape)}")
         self.labels = labels
+        self.fine_labels = fine_labels
         self.classes = list(classes)
         self.images = images
         self.paths = list(paths) if paths is not None else None
@@ -98,6 +106,7 @@ class ImageDataset(Dataset):
             normalization=normalization or self.normalization,
             augment=self.augment if augment is None else augment,
             image_size=image_size or self.image_size,
+            fine_labels=self.fine_labels,
         )
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageDataset:
@@ -111,6 +120,7 @@ class ImageDataset(Dataset):
             normalization=self.normalization,
             augment=self.augment,
             image_size=self.image_size,
+            fine_labels=self.fine_labels[idx] if self.fine_labels is not None else None,
         )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -152,6 +162,21 @@ class ImageDataset(Dataset):
                 ]
             )
         return transforms.functional.to_tensor(tf(img))
+
+
+def pixel_statistics(dataset: ImageDataset, max_images: int = 512) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``dataset``'s pixels in [0, 1] (before normalisation, without augmentation),
+    from up to ``max_images`` images spread evenly over it (at most 64 decoded from files)."""
+    n = len(dataset)
+    count = min(n, max_images if dataset.images is not None else min(max_images, 64))
+    idx = torch.linspace(0, n - 1, count).round().long().unique()
+    if dataset.images is not None:
+        x = dataset.images[idx].float().div_(255.0)
+    else:
+        plain = dataset.with_options(augment=False)
+        x = torch.stack([plain._large(plain.paths[i]) for i in idx.tolist()])
+    x = x.transpose(0, 1).reshape(x.shape[1], -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
 
 
 def open_rgb(path: str):

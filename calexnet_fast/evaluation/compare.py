@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from .. import io
-from ..backbones import build_backbone
 from ..baselines import BASELINE_NAMES, BaselineConfig, ZTWHead, train_baseline
-from ..data import stratified_split
+from ..data import stratified_subset
 from ..distributed import default_device, init_distributed
+from ..features import branch_logits
 from ..flops import FlopsProfile, head_flops, segment_flops
-from ..recipes import RECIPE_NAMES, head_logits, recipe, train_branches
-from ..run import CacheConfig, backbone_spec, dataset_record, load_splits, spec_normalization, versions
+from ..recipes import RECIPE_NAMES, recipe, train_branches
+from ..run import CacheConfig, data_and_backbone, versions
 from ..training import FitConfig, seed_everything
 from .pareto import AREA_RANGE, REDUCTIONS, aggregate, seed_summary, summarize
 from .points import SweepResult, parse_margins, sweep_cpm, sweep_global_threshold, threshold_grid
@@ -62,7 +62,7 @@ class CompareConfig:
     Output: ``out`` (results.json, pareto.png/.svg, table.md), ``work_dir`` (checkpoints and heads of every
     method x seed; default ``out/work``). Data: as ``calexnet train`` (``dataset`` .. ``synthetic_classes``),
     ``train_subset`` / ``subset_seed`` (a stratified subset of the training images). Backbone: ``backbone``
-    .. ``n_branches`` as ``calexnet train``. Methods: ``methods`` and ``seeds`` (comma lists), the head
+    .. ``class_map`` as ``calexnet train``. Methods: ``methods`` and ``seeds`` (comma lists), the head
     (``head_dim``, ``n_prototypes``, ``cpm_head`` = ``"prototype"`` or ``"sdn"``), the CPM sweep
     (``margins`` = ``START:STOP:COUNT`` or a comma list, ``margin_mode``, ``min_support``), the baselines'
     threshold grid (``thresholds`` uniform points + ``threshold_quantiles`` validation quantiles) and ZTW's
@@ -75,7 +75,7 @@ class CompareConfig:
     dataset: str
     work_dir: str | None = None
     data_dir: str | None = None
-    val_size: float = 5000
+    val_size: float | None = None
     split_seed: int = 0
     image_size: int | None = None
     synthetic_size: Sequence[int] = (512, 256, 256)
@@ -90,6 +90,9 @@ class CompareConfig:
     stem: str = "cifar"
     branch_points: Sequence[str] | None = None
     n_branches: int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    class_map: str | None = None
     methods: str = ",".join(DEFAULT_METHODS)
     seeds: str = "0,1,2"
     head_dim: int = 128
@@ -188,10 +191,6 @@ def _methods_and_seeds(cfg: CompareConfig) -> tuple[list[str], list[int]]:
     return methods, seeds
 
 
-def _stack_logits(heads, cache, device) -> torch.Tensor:
-    return torch.stack([head_logits(h, cache, k, device=device) for k, h in enumerate(heads)])
-
-
 def _sdn_head(k: int, in_channels: int, n_classes: int):
     return ZTWHead(in_channels, n_classes, cascading=False)
 
@@ -241,42 +240,12 @@ class _CpmTrainer:
             bt = self._train(rec, fit_cfg, run_dir, resume=True)
         self.donors.setdefault(b1, run_dir)
         hf = head_flops(bt.heads, self.bb)
-        va, te = _stack_logits(bt.heads, self.va, self.device), _stack_logits(bt.heads, self.te, self.device)
+        va, te = (
+            branch_logits(bt.heads, self.va, device=self.device),
+            branch_logits(bt.heads, self.te, device=self.device),
+        )
         self.shared[key] = (va, te, hf, rec.name)
         return self.shared[key]
-
-
-def _data_and_backbone(cfg: CompareConfig) -> tuple:
-    """(splits with the backbone's normalisation, dataset record, backbone spec, backbone)."""
-    dinfo = dataset_record(
-        cfg.dataset,
-        cfg.data_dir,
-        val_size=cfg.val_size,
-        split_seed=cfg.split_seed,
-        image_size=cfg.image_size,
-        synthetic_size=cfg.synthetic_size,
-        synthetic_classes=cfg.synthetic_classes,
-    )
-    splits = load_splits(dinfo)
-    spec = backbone_spec(
-        cfg.backbone,
-        splits.n_classes,
-        checkpoint=cfg.checkpoint,
-        backbone_run=cfg.backbone_run,
-        pretrained_dir=cfg.pretrained_dir,
-        random_init=cfg.random_init,
-        stem=cfg.stem,
-        branch_points=cfg.branch_points,
-        n_branches=cfg.n_branches,
-        input_size=cfg.image_size,
-    )
-    splits = splits.with_normalization(spec_normalization(spec))
-    try:
-        bb = build_backbone(spec)
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"backbone {spec.arch}: {e}") from e
-    spec.branch_points, spec.n_branches = list(bb.branch_points), None
-    return splits, dinfo, spec, bb
 
 
 def run_compare(cfg: CompareConfig) -> int:
@@ -298,19 +267,16 @@ def run_compare(cfg: CompareConfig) -> int:
     margins = parse_margins(cfg.margins)
     lr_of = _parse_lr_overrides(cfg.lr_overrides, methods)
     seed_everything(0)  # one (random-init) backbone for every seed and every rerun
-    splits, dinfo, spec, bb = _data_and_backbone(cfg)
+    splits, dinfo, spec, bb = data_and_backbone(cfg)
     device = torch.device(cfg.device) if cfg.device else default_device()
     if device.type == "cpu":  # NHWC convolutions are faster on CPU; the cached features are the same values
         bb = bb.to(memory_format=torch.channels_last)
     train_set = splits.train
     if cfg.train_subset:
-        if not 0 < cfg.train_subset < len(train_set):
-            raise ValueError(f"train_subset: expected 1..{len(train_set) - 1}, got {cfg.train_subset}")
-        _, idx = stratified_split(train_set.labels, cfg.train_subset, seed=cfg.subset_seed)
-        train_set = train_set.subset(idx)
+        train_set = stratified_subset(train_set, cfg.train_subset, cfg.subset_seed, name="train_subset")
         dinfo["train_subset"] = cfg.train_subset
         dinfo["subset_seed"] = cfg.subset_seed
-    cache_cfg = CacheConfig(cfg.cache, cfg.cache_dir, cfg.cache_dtype, cfg.feature_batch_size, cfg.workers)
+    cache_cfg = CacheConfig.of_options(cfg)
     log.info(
         f"compare {methods} x seeds {seeds} on {bb.name} (branch points {bb.branch_points}), {dinfo['name']}: "
         f"{len(train_set)} train / {len(splits.val)} val / {len(splits.test)} test images, device {device}"
@@ -333,14 +299,7 @@ def run_compare(cfg: CompareConfig) -> int:
     sweeps: dict[str, list[SweepResult]] = {m: [] for m in methods}
     timings: dict[str, list[float]] = {m: [] for m in methods}
     for seed in seeds:
-        base_fit = FitConfig(
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            seed=seed,
-        )
+        base_fit = FitConfig.of_options(cfg, seed)
         for method in methods:
             t1 = time.time()
             fit_cfg = dataclasses.replace(base_fit, lr=lr_of.get(method, base_fit.lr))

@@ -3,18 +3,21 @@
 ``MeasureConfig(run=RUN)`` takes a trained and calibrated run directory (the equivalent of ``calexnet
 evaluate --measure``); ``MeasureConfig(compare=OUT)`` takes every method x seed of a ``calexnet compare``
 output directory. For each operating point (margin ``m`` for the CPM methods, a global threshold ``τ`` for
-the baselines) the real cascade runs over the test images (:func:`~.speed.measure_points`): accuracy checked
-against the simulated evaluation (:mod:`.points`), speed against the backbone alone, energy on CUDA.
+the baselines) the real cascade runs over the test images (:func:`~.speed.measure_points`) in both modes,
+per input batch (latency) and streaming (throughput: survivors re-batched across input batches): accuracy
+checked against the simulated evaluation (:mod:`.points`) on every image in each mode, speed against the
+backbone alone in the same inference form (BatchNorm folded, same memory format), the FLOPs-ideal and the
+time-ideal speedup, energy on CUDA.
 
 CPM methods run as :class:`~calexnet_fast.Cascade` unchanged. The baselines keep their own exit rules
 (``score_k >= τ``): PTEEnet's score is a separate confidence head, ZTW's and BoostNet's come from ensembles
 of every head up to ``k``. They run in ``ScoreCascade``, a :class:`~calexnet_fast.Cascade` whose per-branch
 exit decision is the baseline's, with the state those rules need (earlier heads' outputs) compacted together
-with the survivors.
+with the survivors; that state ties a batch's branches together, so the baselines are measured per batch only.
 
-Results (:mod:`.measure_session`): ``speed.json`` (every point, per-method headline numbers with the seed
-spread), ``speed.png`` / ``speed.svg`` (accuracy vs FLOPs reduction next to accuracy vs measured speedup)
-and ``speed_table.md``.
+Results (:mod:`.measure_session`): ``speed.json`` (every point, per-method headline numbers per mode with
+the seed spread), ``speed.png`` / ``speed.svg`` (accuracy vs FLOPs reduction, accuracy vs measured speedup
+in both modes, speedup vs FLOPs reduction against the ideals) and ``speed_table.md``.
 """
 
 from __future__ import annotations
@@ -35,15 +38,16 @@ from ..backbones import BackboneSpec, build_backbone
 from ..baselines import BaselineConfig, baseline_exit_heads, baseline_head_flops, make_baseline
 from ..calibration import calibrate
 from ..cascades import Cascade, ScoreCascade
+from ..features import branch_logits
 from ..flops import FlopsProfile, segment_flops
-from ..recipes import head_logits, make_head, recipe
+from ..recipes import make_head, recipe
 from ..run import CacheConfig, Run, load_splits, spec_normalization
 from ..training import seed_everything
 from .compare import CPM_METHODS
 from .measure_session import MeasureConfig, Session, margin_list, payload, previous_runs, report, write_outputs
 from .pareto import pareto_envelope
 from .points import baseline_decisions, cpm_decisions
-from .speed import frontiers, headline
+from .speed import frontiers, headline, mode_key
 
 __all__ = ["MeasureConfig", "run_measure"]
 
@@ -73,7 +77,7 @@ def _measure_run(cfg: MeasureConfig) -> int:
     idx = _select_margins(sweep.margins, margin_list(cfg.margins))
     session = Session(cfg, bb, splits)
     heads = nn.ModuleList(h.eval() for h in heads)
-    zt = torch.stack([head_logits(h, session.test, k, device=session.device) for k, h in enumerate(heads)])
+    zt = branch_logits(heads, session.test, device=session.device)
     thr = [sweep.thresholds[i] for i in idx]
     expected = cpm_decisions(zt, session.test.logits_tensor(), thr)
     cascade = Cascade(session.bb, [h.to(session.device) for h in heads])
@@ -86,7 +90,7 @@ def _measure_run(cfg: MeasureConfig) -> int:
         {"method": name, "seed": seed, "param_name": "margin", "head_flops": list(profile.head_flops), "points": rows}
     ]
     result = payload(cfg, session, runs, {"run": str(run.path)}, t_start)
-    write_outputs(out, result, f"{bb.name}: {name} seed {seed}, {session.device}")
+    write_outputs(out, result, f"{bb.name}: {name} seed {seed}, {session.device}; {session.form()}")
     report(result, out, cfg.quiet)
     return 0
 
@@ -142,9 +146,23 @@ def _nearest(params: list, value: float) -> int | None:
 def _title(bb, session: Session, config: dict) -> str:
     return (
         f"{bb.name} on {config['dataset']['name']}: real cascade on {session.labels.shape[0]} test images, "
-        f"{session.device}, {torch.get_num_threads()} threads, batch {session.timing.batch_size}; "
+        f"{session.device}, {torch.get_num_threads()} threads; {session.form()}; "
         f"seeds {','.join(map(str, config['seeds']))}"
     )
+
+
+def _best(rows: list[dict], param_name: str) -> str:
+    """Per measured mode: the best speedup, where, and the mismatches against the simulated evaluation."""
+    parts = []
+    for mode in rows[0]["modes"] if rows else ():
+        key = mode_key(mode, "speedup")
+        best = max(rows, key=lambda r: r[key])
+        parts.append(
+            f"{'per batch' if mode == 'batch' else 'streaming'}: best speedup {best[key]:.2f}x at {param_name} "
+            f"{best['param']:.3g} (accuracy {best['accuracy']:.4f}), mismatches vs simulated "
+            f"{sum(r[mode_key(mode, 'mismatches')] or 0 for r in rows)}"
+        )
+    return "; ".join(parts)
 
 
 def _missing(path: Path, work: Path) -> ValueError:
@@ -171,7 +189,7 @@ def _cpm_point_set(ctx: dict, method: str, seed: int, sw: dict, params: list[flo
         h.load_state_dict(io.load_state_file(path)[0])
         heads.append(h.eval())
     device, va = session.device, ctx["val"]
-    zv = torch.stack([head_logits(h, va, k, device=device) for k, h in enumerate(heads)])
+    zv = branch_logits(heads, va, device=device)
     thr_all = calibrate(
         zv,
         va.logits_tensor(),
@@ -183,7 +201,7 @@ def _cpm_point_set(ctx: dict, method: str, seed: int, sw: dict, params: list[flo
         bar_from=rec.bar_from,
     )
     thr = list(thr_all.unbind(0))
-    zt = torch.stack([head_logits(h, session.test, k, device=device) for k, h in enumerate(heads)])
+    zt = branch_logits(heads, session.test, device=device)
     profile = FlopsProfile(tuple(ctx["seg"]), tuple(float(v) for v in sw["info"]["head_flops"]))
     expected = cpm_decisions(zt, session.test.logits_tensor(), thr)
     return Cascade(session.bb, [h.to(device) for h in heads]), thr, profile, expected
@@ -253,7 +271,7 @@ def _measure_compare(cfg: MeasureConfig) -> int:
     cache_cfg = CacheConfig.from_json(config["cache"])
     if session.dtype != torch.float32:  # its features would not match the compare's cache: never overwrite it
         cache_cfg.storage = "memory"
-    va = cache_cfg.build(session.bb, splits.val, "val", work, device=session.device, progress=session.progress)
+    va = cache_cfg.build(session.trained, splits.val, "val", work, device=session.device, progress=session.progress)
     ctx = {"config": config, "work": work, "bb": bb, "session": session, "val": va, "seg": segment_flops(bb)}
     previous = previous_runs(out, cfg, session)
     measured: dict[tuple[str, int], dict] = {}
@@ -302,12 +320,7 @@ def _measure_compare(cfg: MeasureConfig) -> int:
                 "seconds": time.time() - t1,
                 "points": rows,
             }
-            best = max(rows, key=lambda r: r["speedup"])
-            log.info(
-                f"{method} seed {seed}: {len(rows)} points in {time.time() - t1:.0f}s; best speedup "
-                f"{best['speedup']:.2f}x at {param_name} {best['param']:.3g} (accuracy {best['accuracy']:.4f}); "
-                f"mismatches vs simulated {sum(r['mismatches'] for r in rows)}"
-            )
+            log.info(f"{method} seed {seed}: {len(rows)} points in {time.time() - t1:.0f}s; {_best(rows, param_name)}")
             write_outputs(out, payload(cfg, session, merged(), source, t_start), _title(bb, session, config))
     result = payload(cfg, session, merged(), source, t_start)
     write_outputs(out, result, _title(bb, session, config))

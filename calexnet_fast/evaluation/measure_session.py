@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from .. import io
+from ..backbones import fold_batchnorm
 from ..distributed import default_device
 from ..features import backbone_features, decode_images
 from .points import parse_margins, point_metrics
 from .report import margin_table, plot_speed, points_table, speed_table
-from .speed import frontiers, headline, measure_points
+from .speed import MODES, frontiers, headline, measure_points
 from .timing import CPU_ENERGY_NOTE, PowerMeter, TimingConfig, environment, noisy
 
 __all__ = [
+    "DEFAULT_MODES",
     "DTYPES",
     "MeasureConfig",
     "Session",
@@ -38,12 +40,14 @@ log = logging.getLogger(__name__)
 
 PIPELINE_NOTE = (
     "test images decoded once into one normalised tensor; only the model work on batches of that tensor is "
-    "timed (no decoding or data loading); backbone alone and cascade run on the same batches, device, dtype "
-    "and memory format, in interleaved rounds (order alternating), median over rounds"
+    "timed (no decoding or data loading); backbone alone and cascade (per batch, and streaming over the batches "
+    "of a round) run on the same batches, device, dtype, memory format and inference form of the stages, in "
+    "interleaved rounds (order alternating), median over rounds"
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MARGINS = "0,0.05,0.1,0.15,0.2,0.3"
 DEFAULT_BASELINE_REDUCTIONS = "0.1,0.2,0.3,0.4,0.5"
+DEFAULT_MODES = ",".join(MODES)
 
 
 @dataclass
@@ -57,7 +61,11 @@ class MeasureConfig:
     reduction, the baseline's Pareto-envelope point nearest to it), ``baseline_losses`` (per accuracy loss,
     the envelope point with the largest reduction within it). Output: ``out`` (default: the source). Timing:
     ``batch_size``, ``repeats``, ``warmup``, ``timing_images`` (0: all), ``max_extra_rounds``, ``dtype``
-    (a key of :data:`DTYPES`), ``channels_last`` (``None``: on). ``max_loss``: the headline's accuracy loss.
+    (a key of :data:`DTYPES`), ``channels_last`` (``None``: on), ``fold`` (BatchNorm of the frozen stages
+    folded into the convolutions, for the backbone and the cascade alike: the inference form). Modes:
+    ``modes`` (a comma list of :data:`~.speed.MODES`: ``batch`` per input batch, ``stream`` streaming),
+    ``stage_batch`` (rows per stage run when streaming; ``None``: ``batch_size``). ``max_loss``: the
+    headline's accuracy loss.
     ``resume``: keep runs already in ``out/speed.json`` measured alike. ``render``: measure nothing, redo
     summary, figure and table from ``speed.json``. ``data_dir``: the dataset if it moved. Execution:
     ``device``, ``threads``, ``quiet``.
@@ -79,6 +87,9 @@ class MeasureConfig:
     max_extra_rounds: int = 4
     dtype: str = "float32"
     channels_last: bool | None = None
+    fold: bool = True
+    modes: str = DEFAULT_MODES
+    stage_batch: int | None = None
     max_loss: float = 0.01
     resume: bool = False
     render: bool = False
@@ -94,6 +105,16 @@ class MeasureConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+        modes = self.mode_list()
+        if not modes or any(m not in MODES for m in modes):
+            raise ValueError(f"modes: expected a comma list of {', '.join(MODES)}, got {self.modes!r}")
+        if self.stage_batch is not None and self.stage_batch < 1:
+            raise ValueError(f"stage_batch: expected a positive int (or None: batch_size), got {self.stage_batch}")
+
+    def mode_list(self) -> list[str]:
+        """The modes to measure, in :data:`~.speed.MODES` order."""
+        given = [m.strip() for m in self.modes.split(",") if m.strip()]
+        return [m for m in MODES if m in given] + [m for m in given if m not in MODES]
 
 
 def margin_list(text: str) -> list[float] | None:
@@ -109,12 +130,21 @@ def _prepare(model: nn.Module, device, dtype, channels_last: bool) -> nn.Module:
 
 
 class Session:
-    """What every run of one ``calexnet measure`` call shares: device, images, backbone and its features."""
+    """What every run of one ``calexnet measure`` call shares: device, images, backbone and its features.
+
+    ``bb`` is the backbone in the inference form that is timed (BatchNorm folded unless ``fold`` is off;
+    device, dtype, memory format): the cascades are built on its stages and the simulated evaluation uses its
+    features, so real and simulated run the same arithmetic. ``trained`` is the backbone as trained (feature
+    caches shared with ``calexnet compare`` are built and checked with it).
+    """
 
     def __init__(self, cfg: MeasureConfig, bb, splits) -> None:
         self.device = torch.device(cfg.device) if cfg.device else default_device()
         self.dtype = DTYPES[cfg.dtype]
         self.channels_last = True if cfg.channels_last is None else bool(cfg.channels_last)
+        self.fold = bool(cfg.fold)
+        self.modes = cfg.mode_list()
+        self.stage_batch = cfg.stage_batch or cfg.batch_size
         self.timing = TimingConfig(
             cfg.batch_size,
             cfg.repeats,
@@ -123,7 +153,9 @@ class Session:
             max_extra_rounds=cfg.max_extra_rounds,
         )
         self.progress = not cfg.quiet
-        self.bb = _prepare(bb, self.device, self.dtype, self.channels_last)
+        inference = fold_batchnorm(bb.eval()) if self.fold else bb  # folded in float32, then cast
+        self.trained = _prepare(bb, self.device, self.dtype, self.channels_last)
+        self.bb = _prepare(inference, self.device, self.dtype, self.channels_last)
         t0 = time.time()
         x, y = decode_images(splits.test)
         x = x.to(self.device, self.dtype)
@@ -139,6 +171,14 @@ class Session:
             f"backbone features of the test images in {time.time() - t0:.1f}s; accuracy {self.backbone_accuracy:.4f}"
         )
 
+    def form(self) -> str:
+        """How the models run, in words (for titles)."""
+        modes = " and ".join(
+            "per batch" if m == "batch" else f"streaming (stage batch {self.stage_batch})" for m in self.modes
+        )
+        layout = ", channels_last" if self.channels_last else ""
+        return f"batch {self.timing.batch_size}, {modes}, BatchNorm {'folded' if self.fold else 'as trained'}{layout}"
+
     def measure(self, cascade, thresholds, profile, params, expected, desc) -> list[dict]:
         cascade = _prepare(cascade, self.device, self.dtype, False)
         return measure_points(
@@ -151,6 +191,8 @@ class Session:
             params=params,
             expected=expected,
             config=self.timing,
+            modes=self.modes,
+            stage_batch=self.stage_batch,
             progress=self.progress,
             desc=desc,
         )
@@ -190,6 +232,9 @@ def payload(cfg: MeasureConfig, session: Session, runs: list[dict], source: dict
         "timing": asdict(session.timing),
         "dtype": cfg.dtype,
         "channels_last": session.channels_last,
+        "fold_batchnorm": session.fold,
+        "modes": session.modes,
+        "stage_batch": session.stage_batch,
         "environment": environment(session.device),
         "backbone": {
             "test_accuracy": session.backbone_accuracy,
@@ -204,14 +249,24 @@ def payload(cfg: MeasureConfig, session: Session, runs: list[dict], source: dict
 
 
 def previous_runs(out: Path, cfg: MeasureConfig, session: Session) -> dict:
-    """With ``resume``: the runs of ``out/speed.json`` measured with the same timing and dtype, and settled."""
+    """With ``resume``: the runs of ``out/speed.json`` measured alike (timing, dtype, memory format, inference
+    form, modes, stage batch), and settled."""
     path = out / "speed.json"
     if not cfg.resume or not path.is_file():
         return {}
     old = io.read_json(path, "speed.json")
     timing = session.timing
     same = ("batch_size", "repeats", "warmup", "timing_images", "timing_seed")
-    if any((old.get("timing") or {}).get(k) != getattr(timing, k) for k in same) or old.get("dtype") != cfg.dtype:
+    if any((old.get("timing") or {}).get(k) != getattr(timing, k) for k in same):
+        return {}
+    setting = {
+        "dtype": cfg.dtype,
+        "channels_last": session.channels_last,
+        "fold_batchnorm": session.fold,
+        "modes": session.modes,
+        "stage_batch": session.stage_batch,
+    }
+    if any(old.get(k) != v for k, v in setting.items()):
         return {}
 
     def settled(run: dict) -> bool:

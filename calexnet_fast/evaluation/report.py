@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .pareto import AREA_RANGE, REDUCTIONS, aggregate, pareto_envelope
+from .speed import MODES, mode_key
 
 __all__ = [
     "margin_table",
@@ -116,6 +117,9 @@ def plot_envelopes(
     _save(fig, paths)
 
 
+_MODE_MARK = {"batch": ("o", "per batch"), "stream": ("^", "streaming")}
+
+
 def plot_speed(
     runs: list[dict],
     paths: Sequence[str | os.PathLike],
@@ -123,11 +127,13 @@ def plot_speed(
     backbone_accuracy: float | None = None,
     title: str | None = None,
 ) -> None:
-    """Two panels (``calexnet measure``'s figure): accuracy vs FLOPs reduction and accuracy vs measured
-    speedup (every measured point, each seed's upper Pareto envelope as a line; the ideal ``1 / (1 - r)`` of
-    the envelope points dotted)."""
-    fig, (ax1, ax2) = _pyplot().subplots(1, 2, figsize=(12, 4.8), dpi=130)
+    """Three panels (``calexnet measure``'s figure): accuracy vs FLOPs reduction; accuracy vs measured speedup
+    per mode (per batch: circles and the method's line, streaming: triangles and a thinner dashed line; each
+    seed's upper Pareto envelope as a line, the FLOPs-ideal ``1 / (1 - r)`` of the envelope points dotted);
+    measured speedup vs FLOPs reduction per mode against the FLOPs-ideal curve and the time-ideal points."""
+    fig, (ax1, ax2, ax3) = _pyplot().subplots(1, 3, figsize=(17, 4.8), dpi=130)
     methods = list(dict.fromkeys(r["method"] for r in runs))
+    reductions = []
     for i, method in enumerate(methods):
         color, ls, lw = method_style(method, i)
         first = True
@@ -135,28 +141,53 @@ def plot_speed(
             pts = r["points"]
             acc = 100 * np.asarray([p["accuracy"] for p in pts])
             red = 100 * np.asarray([p["flops_reduction"] for p in pts])
-            sp = np.asarray([p["speedup"] for p in pts])
-            ideal = np.asarray([p["ideal_speedup"] for p in pts])
+            reductions += [p["timed_flops_reduction"] for p in pts]
             label = method if first else None
             ax1.scatter(red, acc, s=14, color=color, alpha=0.7)
-            ax2.scatter(sp, acc, s=14, color=color, alpha=0.7)
             ex, ey = pareto_envelope(red, acc)
             ax1.plot(ex, ey, ls, color=color, lw=0.7 * lw, alpha=0.85, label=label)
-            sx, sy = pareto_envelope(sp, acc)
-            ax2.plot(sx, sy, ls, color=color, lw=0.7 * lw, alpha=0.85, label=label)
+            ideal = np.asarray([p["ideal_speedup"] for p in pts])
             ix, iy = pareto_envelope(ideal, acc)
             ax2.plot(ix, iy, ":", color=color, lw=0.8, alpha=0.6)
+            time_ideal = _floats([p.get("time_ideal_speedup") for p in pts])
+            ax3.scatter(red, time_ideal, s=18, marker="x", color=color, alpha=0.6)
+            for mode in MODES:
+                key = mode_key(mode, "speedup")
+                mp = [p for p in pts if p.get(key) is not None]
+                if not mp:
+                    continue
+                marker, words = _MODE_MARK[mode]
+                m_acc = 100 * np.asarray([p["accuracy"] for p in mp])
+                m_red = 100 * np.asarray([p["flops_reduction"] for p in mp])
+                sp = np.asarray([p[key] for p in mp])
+                style = (ls, 0.7 * lw) if mode == "batch" else ("--", 0.5 * lw)
+                mode_label = f"{method}, {words}" if first else None
+                ax2.scatter(sp, m_acc, s=14, marker=marker, color=color, alpha=0.7)
+                sx, sy = pareto_envelope(sp, m_acc)
+                ax2.plot(sx, sy, style[0], color=color, lw=style[1], alpha=0.85, label=mode_label)
+                order = np.argsort(m_red)
+                line = dict(marker=marker, ms=4, color=color, lw=style[1], alpha=0.8, label=mode_label)
+                ax3.plot(m_red[order], sp[order], style[0], **line)
             first = False
+    if reductions:
+        r = np.linspace(min(min(reductions), 0.0), min(0.95, max(max(reductions), 0.0)), 100)
+        ax3.plot(100 * r, 1 / (1 - r), "k--", lw=1.0, label="FLOPs-ideal 1/(1-r)")
+    ax3.scatter([], [], marker="x", color="0.3", label="time-ideal (full-batch stage times)")
     for ax in (ax1, ax2):
         if backbone_accuracy is not None:
             ax.axhline(100 * backbone_accuracy, color="k", ls=":", lw=1.0, label="backbone alone")
             ax.axhline(100 * backbone_accuracy - 1, color="0.5", ls="--", lw=0.8, label="backbone − 1 pt")
-        ax.grid(True, alpha=0.3)
         ax.set_ylabel("test accuracy (%) of the real cascade")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(True, alpha=0.3)
     ax1.set_xlabel("FLOPs reduction vs. the backbone alone (%)")
-    ax2.set_xlabel("measured speedup vs. the backbone alone (images/s ratio); dotted: ideal 1/(1-r)")
+    ax2.set_xlabel("measured speedup vs. the backbone alone (images/s ratio); dotted: FLOPs-ideal")
     ax2.axvline(1.0, color="0.6", lw=0.8)
+    ax3.set_xlabel("FLOPs reduction vs. the backbone alone (%)")
+    ax3.set_ylabel("measured speedup vs. the backbone alone")
+    ax3.axhline(1.0, color="0.6", lw=0.8)
     ax1.legend(fontsize=7, loc="lower left")
+    ax3.legend(fontsize=6, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -207,62 +238,86 @@ def results_table(summary: dict, reductions: Sequence[float] = REDUCTIONS, area_
     return "\n".join(lines) + "\n"
 
 
+def _mode_words(mode: str) -> str:
+    return "per batch" if mode == "batch" else "streaming"
+
+
 def speed_table(summary: dict, canonical_margin: float = 0.2) -> str:
-    """Markdown table of ``calexnet measure``'s headline numbers (mean ± std over seeds)."""
-    key, acc_key = f"speedup_at_m{canonical_margin:g}", f"accuracy_at_m{canonical_margin:g}"
-    lines = [
-        f"| method | max measured speedup at ≤ 1 pt loss | speedup at m = {canonical_margin:g} | "
-        f"accuracy at m = {canonical_margin:g} (%) | seeds |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    """Markdown table of ``calexnet measure``'s headline numbers per mode (mean ± std over seeds; "–" for a
+    mode a method was not measured in)."""
+    tag = f"m{canonical_margin:g}"
+    head = ["method"]
+    head += [f"max speedup at ≤ 1 pt loss, {_mode_words(m)}" for m in MODES]
+    head += [f"speedup at m = {canonical_margin:g}, {_mode_words(m)}" for m in MODES]
+    head += [f"accuracy at m = {canonical_margin:g} (%)", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method, s in summary.items():
-        n = s["max_speedup_within_loss"]["n"]
-        lines.append(
-            f"| {method} | {mean_std(s['max_speedup_within_loss'], unit='×')} | {mean_std(s.get(key), unit='×')} | "
-            f"{mean_std(s.get(acc_key), scale=100.0)} | {n} |"
-        )
+        best = [s.get(mode_key(m, "max_speedup_within_loss")) for m in MODES]
+        at_m = [s.get(mode_key(m, f"speedup_at_{tag}")) for m in MODES]
+        n = next((b["n"] for b in best if b), 0)
+        cells = ["–" if v is None else mean_std(v, unit="×") for v in best + at_m]  # –: mode not measured
+        cells += [mean_std(s.get(f"accuracy_at_{tag}"), scale=100.0), str(n)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def margin_table(runs: list[dict]) -> str:
-    """Markdown table of the measured CPM points, mean ± std over seeds per method and margin."""
+    """Markdown table of the measured CPM points, mean ± std over seeds per method and margin: both modes'
+    speedups, the FLOPs- and time-ideal, and each mode's speedup over the FLOPs-ideal."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in runs:
         if r["param_name"] == "margin":
             for p in r["points"]:
                 groups.setdefault((r["method"], p["param"]), []).append(p)
     lines = [
-        "| method | margin | accuracy (%) | FLOPs reduction (%) | measured speedup | ideal 1/(1-r) | achieved/ideal "
-        "| seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | margin | accuracy (%) | FLOPs reduction (%) | speedup per batch | speedup streaming "
+        "| FLOPs-ideal 1/(1-r) | time-ideal | per batch / FLOPs-ideal | streaming / FLOPs-ideal | seeds |",
+        "|" + " --- |" * 11,
     ]
     for (method, m), pts in groups.items():
 
         def cell(key, scale=1.0, digits=2, unit="", pts=pts):
-            return mean_std(aggregate([p[key] for p in pts]), scale=scale, digits=digits, unit=unit)
+            values = [p.get(key) for p in pts]
+            if all(v is None for v in values):
+                return "–"
+            agg = aggregate([math.nan if v is None else v for v in values])
+            return mean_std(agg, scale=scale, digits=digits, unit=unit)
 
-        lines.append(
-            f"| {method} | {m:g} | {cell('accuracy', 100.0)} | {cell('flops_reduction', 100.0, 1)} | "
-            f"{cell('speedup', unit='×')} | {cell('ideal_speedup', unit='×')} | {cell('achieved_over_ideal')} | "
-            f"{len(pts)} |"
-        )
+        cells = [cell("accuracy", 100.0), cell("flops_reduction", 100.0, 1)]
+        cells += [cell(mode_key(mode, "speedup"), unit="×") for mode in MODES]
+        cells += [cell("ideal_speedup", unit="×"), cell("time_ideal_speedup", unit="×")]
+        cells += [cell(mode_key(mode, "achieved_over_ideal")) for mode in MODES]
+        lines.append(f"| {method} | {m:g} | " + " | ".join(cells) + f" | {len(pts)} |")
     return "\n".join(lines) + "\n"
 
 
+def _num(value, fmt: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
 def points_table(runs: list[dict]) -> str:
-    """Markdown table of every measured point."""
+    """Markdown table of every measured point, both modes ("–" where a mode or a value was not measured)."""
     lines = [
-        "| method | seed | param | accuracy (%) | FLOPs red. (%) | backbone img/s | cascade img/s | speedup "
-        "| ideal | achieved/ideal | mismatches |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | seed | param | accuracy (%) | FLOPs red. (%) | backbone img/s | per batch img/s "
+        "| streaming img/s | speedup per batch | speedup streaming | FLOPs-ideal | time-ideal "
+        "| mismatches (batch, stream) |",
+        "|" + " --- |" * 13,
     ]
     for r in runs:
         for p in r["points"]:
             ips = p["images_per_s"]
-            lines.append(
-                f"| {r['method']} | {r['seed']} | {r['param_name'][0]}={p['param']:.4g} | "
-                f"{100 * p['accuracy']:.2f} | {100 * p['flops_reduction']:.1f} | {ips['backbone']:.0f} | "
-                f"{ips['cascade']:.0f} | {p['speedup']:.2f} | {p['ideal_speedup']:.2f} | "
-                f"{p['achieved_over_ideal']:.2f} | {p['mismatches']} |"
-            )
+            mismatches = ", ".join(_num(p.get(mode_key(m, "mismatches")), "d") for m in MODES)
+            cells = [
+                r["method"],
+                str(r["seed"]),
+                f"{r['param_name'][0]}={p['param']:.4g}",
+                f"{100 * p['accuracy']:.2f}",
+                f"{100 * p['flops_reduction']:.1f}",
+                *(_num(ips.get(name), ".0f") for name in ("backbone", "cascade", "streaming")),
+                *(_num(p.get(mode_key(m, "speedup")), ".2f") for m in MODES),
+                _num(p["ideal_speedup"], ".2f"),
+                _num(p.get("time_ideal_speedup"), ".2f"),
+                mismatches,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -6,8 +6,8 @@ Imported lazily (see ``_triton.kernel_module``): importing this module imports `
 import triton
 import triton.language as tl
 
-
-# Steps both online softmaxes below share (inlined by Triton: the compiled kernels are the same as written out).
+# Steps both online softmaxes below share (Triton inlines them: the kernels compute exactly what they did with
+# the steps written out in each).
 
 
 @triton.jit
@@ -20,7 +20,7 @@ def _without_nan(z, valid):
 @triton.jit
 def _rescale(m, new_m):
     """``exp(m - new_m)``, the factor of a running sum whose max moves from ``m`` to ``new_m``; 0 while ``m``
-    is -inf (nothing summed yet), so that an +inf maximum gives inf - inf = NaN, as torch.softmax does."""
+    is -inf (nothing summed yet). An +inf maximum gives inf - inf = NaN, as torch.softmax does."""
     return tl.where(m == float("-inf"), 0.0, tl.exp(m - new_m))
 
 

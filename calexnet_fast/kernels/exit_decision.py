@@ -105,17 +105,23 @@ def _exit_decision_op(
     ok, why = cuda_usable()
     if not ok:
         warn_fallback_once("exit_decision", why)
-        return exit_decision_reference(logits, thresholds)
+        return _exit_decision_cpu(logits, thresholds)
     return _launch_exit_decision(logits, thresholds)
 
 
-_exit_decision_op.register_kernel("cpu", exit_decision_reference)
+@_exit_decision_op.register_kernel("cpu")
+def _exit_decision_cpu(
+    logits: torch.Tensor, thresholds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(logits, thresholds)  # the op called directly (torch.ops) checks its arguments like the wrapper
+    return exit_decision_reference(logits, thresholds)
 
 
 @_exit_decision_op.register_fake
 def _exit_decision_fake(
     logits: torch.Tensor, thresholds: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(logits, thresholds)
     n = logits.shape[0]
     return (
         logits.new_empty((n,), dtype=torch.bool),

@@ -308,15 +308,20 @@ def _proto_head_exit_op(
     ok, why = cuda_usable()
     if not ok:
         warn_fallback_once("proto_head_exit", why)
-        return proto_head_exit_reference(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
+        return _proto_head_exit_cpu(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
     return _launch_proto_head_exit(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
 
 
-_proto_head_exit_op.register_kernel("cpu", proto_head_exit_reference)
+@_proto_head_exit_op.register_kernel("cpu")
+def _proto_head_exit_cpu(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds):
+    args = (features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
+    _check(*args)  # the op called directly (torch.ops) checks its arguments like the wrapper
+    return proto_head_exit_reference(*args)
 
 
 @_proto_head_exit_op.register_fake
 def _proto_head_exit_fake(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds):
+    _check(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
     n = features.shape[0]
     nc = cls_weight.shape[0]
     return (

@@ -24,16 +24,27 @@ A directory written by ``calexnet train-backbone`` (:func:`save_trained_backbone
 :func:`trained_backbone`) holds ``backbone.safetensors`` (+ ``backbone.json``: architecture, stem, classes,
 normalisation) beside its ``config.json``, ``train_log.json`` and epoch checkpoint.
 
+:func:`data_and_backbone` turns the data and backbone options of ``calexnet train`` / ``calexnet compare``
+(or any object holding them as attributes) into the dataset record, its splits, the backbone spec and the
+frozen backbone; :meth:`Run.split_logits` computes a split's logits once when the run has none.
+
 Every error names the file and what was expected: :class:`RunError` (a ``ValueError``).
 """
 
 from .directory import Run, SplitLogits
 from .files import load_heads, save_heads
 from .records import (
+    BACKBONE_OPTIONS,
+    DATA_OPTIONS,
     CacheConfig,
     RunError,
+    TrainingInputs,
+    backbone_input,
     backbone_spec,
+    class_map_of,
+    data_and_backbone,
     dataset_record,
+    dataset_record_of,
     load_splits,
     save_trained_backbone,
     spec_normalization,
@@ -42,12 +53,19 @@ from .records import (
 )
 
 __all__ = [
+    "BACKBONE_OPTIONS",
+    "DATA_OPTIONS",
     "CacheConfig",
     "Run",
     "RunError",
     "SplitLogits",
+    "TrainingInputs",
+    "backbone_input",
     "backbone_spec",
+    "class_map_of",
+    "data_and_backbone",
     "dataset_record",
+    "dataset_record_of",
     "load_heads",
     "load_splits",
     "save_heads",

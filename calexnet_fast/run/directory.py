@@ -14,11 +14,13 @@ from torch import nn
 from ..backbones import BackboneSpec, StagedBackbone, build_backbone
 from ..calibration import CalibrationSweep
 from ..data import DataSplits
+from ..distributed import default_device
+from ..features import FeatureCache, branch_logits
 from ..flops import FlopsProfile, profile_flops
 from ..io import atomic_write, file_sha256, load_state_file, read_json, save_state_file, write_json
 from ..normalization import IMAGENET_MEAN, IMAGENET_STD, Normalization
 from .files import export_stages, exported_backbone, load_heads, save_heads
-from .records import RunError, load_splits, versions
+from .records import CacheConfig, RunError, load_splits, versions
 
 __all__ = ["Run", "SplitLogits"]
 
@@ -52,13 +54,20 @@ class SplitLogits:
                 f"{list(n_c)} and {list(n)}"
             )
 
+    @classmethod
+    def of_heads(cls, heads: Sequence[nn.Module], cache: FeatureCache, *, device=None) -> SplitLogits:
+        """The logits of the K branch heads (head ``k`` on branch ``k``) on every sample of a feature cache,
+        with the cache's backbone logits and labels (``device``: where the heads run)."""
+        return cls(branch_logits(heads, cache, device=device), cache.logits_tensor(), cache.labels_tensor())
+
 
 class Run:
     """A run directory (see the module docstring for its files).
 
     Create one from Python with :meth:`create`, then :meth:`save_heads`, :meth:`save_logits`,
     :meth:`save_thresholds`; or open an existing one with ``Run(path)`` and read it with :meth:`config`,
-    :meth:`load_backbone`, :meth:`load_heads`, :meth:`load_logits`, :meth:`load_thresholds`.
+    :meth:`load_backbone`, :meth:`load_heads`, :meth:`load_logits` (:meth:`split_logits` computes missing
+    ones), :meth:`load_thresholds`.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -251,6 +260,32 @@ class Run:
         if meta.get("heads_sha256") != self._sha(HEADS):
             log.info("%s: computed with other heads than the run's; not used", self.path / rel)
             return None
+        return logits
+
+    def split_logits(
+        self, split: str, *, data_dir: str | None = None, device=None, progress: bool = False
+    ) -> SplitLogits:
+        """The logits of the ``"val"`` or ``"test"`` split: the ones the run keeps, or computed once (the
+        backbone runs over the split, cached as the run's ``cache`` options say) and kept.
+
+        Args:
+            data_dir: the dataset directory, if it moved since the run was written.
+            device: where the backbone and the heads run (default: the GPU if there is one).
+        """
+        if split not in ("val", "test"):
+            raise RunError(f"split: expected 'val' or 'test', got {split!r}")
+        logits = self.load_logits(split)
+        if logits is not None:
+            return logits
+        log.info("no %s logits in %s for its heads: computing them once (the backbone runs over it)", split, self.path)
+        device = torch.device(device) if device is not None else default_device()
+        heads, _ = self.load_heads()
+        splits = self.load_data(data_dir)
+        cache = CacheConfig.from_json(self.config().get("cache")).build(
+            self.load_backbone(), getattr(splits, split), split, self.path, device=device, progress=progress
+        )
+        logits = SplitLogits.of_heads(heads, cache, device=device)
+        self.save_logits(split, logits)
         return logits
 
     # -- thresholds, results, training log ----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The training loop: :func:`fit`, its checkpoints and resume, and :func:`predict`.
+"""The training loop: :func:`fit`, its checkpoints and resume.
 
 :func:`fit` is head-agnostic: it runs epochs over any :class:`~calexnet_fast.training.sources.BatchSource`
 with a pluggable ``loss_fn(model, batch) -> scalar``, where ``model`` is the (possibly
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from ..distributed import DistInfo, all_reduce_sum, barrier, default_device, dist_info
-from ..features import FeatureCache
 from ..io import load_state_file, save_state_file
 from .sources import BatchSource, split_batches
 
@@ -39,7 +38,6 @@ __all__ = [
     "epoch_order",
     "fit",
     "load_checkpoint",
-    "predict",
     "seed_everything",
 ]
 
@@ -92,6 +90,20 @@ class FitConfig:
             raise ValueError(f"schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr}")
+
+    @classmethod
+    def of_options(cls, options, seed: int) -> FitConfig:
+        """The optimisation options of ``calexnet train`` / ``calexnet compare`` (``epochs``, ``batch_size``,
+        ``optimizer``, ``lr``, ``weight_decay``, read as attributes of ``options``) with ``seed``."""
+        o = options
+        return cls(
+            epochs=o.epochs,
+            batch_size=o.batch_size,
+            optimizer=o.optimizer,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            seed=seed,
+        )
 
 
 @dataclass
@@ -392,25 +404,3 @@ def _save_checkpoint(ckdir: Path, model: nn.Module, optimizer, epoch: int, histo
         tensors,
         {"epoch": epoch, "config": config, "history": history, "optimizer": oinfo, "rng": rinfo},
     )
-
-
-@torch.no_grad()
-def predict(
-    fn: Callable[[list[torch.Tensor | None]], torch.Tensor],
-    cache: FeatureCache,
-    *,
-    branches: Sequence[int] | None = None,
-    batch_size: int = 1024,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Apply ``fn(features) -> [B, ...]`` to every cached row in order (eval work, no grad); CPU result.
-
-    ``features`` is the list of K float32 branch maps (``None`` for branches not in ``branches``).
-    """
-    device = torch.device(device) if device is not None else default_device()
-    outs = []
-    for s in range(0, len(cache), batch_size):
-        idx = torch.arange(s, min(s + batch_size, len(cache)))
-        feats, _, _ = cache.gather(idx, branches)
-        outs.append(fn([f.to(device, torch.float32) if f is not None else None for f in feats]).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
