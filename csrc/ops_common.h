@@ -224,6 +224,19 @@ inline Tensor unaliased(const Tensor& t, const Tensor& out) {
   return may_overlap(out, t) ? torch::stable::clone(t) : t;
 }
 
+// Where scatter_rows_ writes: `out` itself when its rows are dense in memory, else a dense (contiguous) copy
+// of it that the caller copies back into `out` (*copy_back is set). `*src` is made dense in the same layout,
+// so that both sides' rows are single blocks of the same byte order.
+inline Tensor dense_row_target(const Tensor& out, Tensor* src, bool* copy_back) {
+  MemoryFormat fmt;
+  const bool out_dense = row_format(out, &fmt);
+  Tensor target = out_dense ? out : torch::stable::contiguous(out);
+  if (!out_dense) fmt = MemoryFormat::Contiguous;
+  if (!rows_dense_as(*src, fmt)) *src = torch::stable::contiguous(*src, fmt);
+  *copy_back = !out_dense;
+  return target;
+}
+
 inline std::string out_of_range_msg(int64_t j, int64_t v, int64_t rows) {
   std::ostringstream oss;
   oss << "scatter_rows: index: expected every value in [0, " << rows << ") (out.size(0)), got index[" << j

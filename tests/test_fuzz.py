@@ -727,6 +727,16 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, wh
     assert bool((err <= tol).all()), (what, float((err / tol).max()), got, want)
 
 
+def within(dtype: torch.dtype, shape: tuple[int, ...], want: torch.Tensor, bound: torch.Tensor, what: str):
+    """The check of a head's output: its dtype and shape, then :func:`assert_within` the oracle."""
+
+    def expect(out):
+        assert out.dtype == dtype and out.shape == shape, (what, out.dtype, out.shape)
+        assert_within(out, want, bound, what)
+
+    return expect
+
+
 def random_prototype_head(d, c: int, n_classes: int) -> PrototypePoolingHead:
     """A trained-looking head: random BN statistics, prototypes (some zero), gamma, classifier."""
     dim, k = d(st.integers(1, 6)), d(st.integers(1, 3))
@@ -798,32 +808,33 @@ def test_prototype_pooling_head(data):
         f, expect = _features_fault(d, f, fault), Invalid(("features",), fault)
     else:
         want, bound = module_oracle(head, f, torch.finfo(dtype).eps)
-
-        def expect(out):
-            assert out.dtype == dtype and out.shape == (f.shape[0], n_classes)
-            assert_within(out, want, bound, "PrototypePoolingHead")
+        expect = within(dtype, (f.shape[0], n_classes), want, bound, "PrototypePoolingHead")
 
     with torch.no_grad():
         run_case("PrototypePoolingHead", lambda: head(f), expect)
         folded = head.fold()
         if fault == "features_dtype":  # the folded head computes in the features' dtype (documented)
             want, bound = folded_oracle(f, *folded.buffers(), torch.finfo(f.dtype).eps, cosine_floor(f.dtype))
-
-            def expect(out):
-                assert out.dtype == f.dtype and out.shape == (f.shape[0], n_classes)
-                assert_within(out, want, bound, "PrototypePoolingHead.fold()")
+            expect = within(f.dtype, (f.shape[0], n_classes), want, bound, "PrototypePoolingHead.fold()")
 
         run_case("PrototypePoolingHead.fold()", lambda: folded(f), expect)
 
 
-FOLDED_FAULTS = (
-    "proj_weight_1d",
-    "proj_bias_length",
-    "prototypes_width",
-    "cls_weight_width",
-    "cls_bias_length",
-    "buffer_not_tensor",
-)
+# the folded head's buffers, mis-shaped (FoldedPrototypeHead and proto_head_exit take the same five)
+BUFFER_FAULTS = ("proj_weight_1d", "proj_bias_length", "prototypes_width", "cls_weight_width", "cls_bias_length")
+FOLDED_FAULTS = (*BUFFER_FAULTS, "buffer_not_tensor")
+
+
+def mis_shaped(buffers, fault: str) -> tuple:
+    """The five folded-head buffers with the one mis-shaped that ``fault`` (of :data:`BUFFER_FAULTS`) names."""
+    w, b, p, cw, cb = buffers
+    return {
+        "proj_weight_1d": (w.reshape(-1), b, p, cw, cb),
+        "proj_bias_length": (w, torch.cat([b, b[:1]]), p, cw, cb),
+        "prototypes_width": (w, b, torch.cat([p, p[:, :1]], 1), cw, cb),
+        "cls_weight_width": (w, b, p, cw[:, 1:], cb),
+        "cls_bias_length": (w, b, p, cw, torch.cat([cb, cb[:1]])),
+    }[fault]
 
 
 def random_folded_buffers(d, c: int, n_classes: int, dtype: torch.dtype):
@@ -854,15 +865,10 @@ def test_folded_prototype_head(data):
     names = ("proj_weight", "proj_bias", "prototypes", "cls_weight", "cls_bias")
     expect: Any
     if fault in FOLDED_FAULTS:
-        w, b, p, cw, cb = buffers
-        broken = {
-            "proj_weight_1d": (w.reshape(-1), b, p, cw, cb),
-            "proj_bias_length": (w, torch.cat([b, b[:1]]), p, cw, cb),
-            "prototypes_width": (w, b, torch.cat([p, p[:, :1]], 1), cw, cb),
-            "cls_weight_width": (w, b, p, cw[:, 1:], cb),
-            "cls_bias_length": (w, b, p, cw, torch.cat([cb, cb[:1]])),
-            "buffer_not_tensor": tuple(t.tolist() if i == 2 else t for i, t in enumerate(buffers)),
-        }[fault]
+        if fault == "buffer_not_tensor":
+            broken = tuple(t.tolist() if i == 2 else t for i, t in enumerate(buffers))
+        else:
+            broken = mis_shaped(buffers, fault)
         run_case("FoldedPrototypeHead", lambda: FoldedPrototypeHead(*broken), Invalid(names, fault))
         return
     head = FoldedPrototypeHead(*buffers)
@@ -870,10 +876,7 @@ def test_folded_prototype_head(data):
         f, expect = _features_fault(d, f, fault), Invalid(("features",), fault)
     else:
         want, bound = folded_oracle(f, *buffers, torch.finfo(dtype).eps, cosine_floor(dtype))
-
-        def expect(out):
-            assert out.dtype == dtype and out.shape == (f.shape[0], n_classes)
-            assert_within(out, want, bound, "FoldedPrototypeHead")
+        expect = within(dtype, (f.shape[0], n_classes), want, bound, "FoldedPrototypeHead")
 
     run_case("FoldedPrototypeHead", lambda: head(f), expect)
 
@@ -888,11 +891,7 @@ PROTO_FAULTS = (
     "features_empty_hw",
     "features_int",
     "features_f64",
-    "proj_weight_1d",
-    "proj_bias_length",
-    "prototypes_width",
-    "cls_weight_width",
-    "cls_bias_length",
+    *BUFFER_FAULTS,
     "thresholds_length",
     "operand_int",
     "operand_not_tensor",
@@ -922,15 +921,8 @@ def test_proto_head_exit(data):
     args = [f, *buffers, thresholds]
     if fault.startswith("features"):
         args[0] = f.double() if fault == "features_f64" else _features_fault(d, f, fault)
-    elif fault in FOLDED_FAULTS:
-        w, b, p, cw, cb = buffers
-        args[1:6] = {
-            "proj_weight_1d": (w.reshape(-1), b, p, cw, cb),
-            "proj_bias_length": (w, torch.cat([b, b[:1]]), p, cw, cb),
-            "prototypes_width": (w, b, torch.cat([p, p[:, :1]], 1), cw, cb),
-            "cls_weight_width": (w, b, p, cw[:, 1:], cb),
-            "cls_bias_length": (w, b, p, cw, torch.cat([cb, cb[:1]])),
-        }[fault]
+    elif fault in BUFFER_FAULTS:
+        args[1:6] = mis_shaped(buffers, fault)
     elif fault == "operand_int":
         i = d(st.integers(1, 5))
         args[i] = args[i].to(torch.int64)
