@@ -7,8 +7,9 @@ later runs reuse, fp16 by default) and every head, recipe and baseline then trai
 fingerprints (:func:`model_fingerprint`, :func:`dataset_fingerprint`, dtype) match and its data matches the
 SHA-256 per tensor recorded when it was written; a damaged one is rebuilt.
 
-:func:`backbone_features` is the same computation on an already decoded image tensor (:func:`decode_images`),
-in the backbone's own dtype, on the very batches the real cascade reads when it is timed.
+:func:`backbone_features` is the same computation on an already decoded image tensor
+(:func:`calexnet_fast.data.decode_images`), in the backbone's own dtype, on the very batches the real cascade
+reads when it is timed.
 :func:`predict` applies a function to every cached row, :func:`branch_logits` the trained heads.
 """
 
@@ -34,7 +35,6 @@ __all__ = [
     "branch_logits",
     "build_feature_cache",
     "dataset_fingerprint",
-    "decode_images",
     "head_logits",
     "model_fingerprint",
     "predict",
@@ -453,34 +453,6 @@ def head_logits(head: nn.Module, cache: FeatureCache, branch: int, *, batch_size
 def branch_logits(heads: Sequence[nn.Module], cache: FeatureCache, *, device=None) -> torch.Tensor:
     """Logits [K, N, C] (CPU) of the K branch heads, head ``k`` on branch ``k`` of every cached sample."""
     return torch.stack([head_logits(h, cache, k, device=device) for k, h in enumerate(heads)])
-
-
-# --------------------------------------------------------------------------------------------------
-# decoded images (what the timed cascade reads)
-# --------------------------------------------------------------------------------------------------
-
-
-def decode_images(dataset, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of ``dataset`` decoded and normalised once, in dataset order.
-
-    Args:
-        dataset: yields ``(image [3, H, W] float32 normalised, label)``; an ``ImageDataset`` is switched to
-            its un-augmented view.
-
-    Returns:
-        images [N, 3, H, W] float32 (contiguous), labels [N] int64.
-    """
-    from torch.utils.data import DataLoader
-
-    if hasattr(dataset, "with_options"):
-        dataset = dataset.with_options(augment=False)
-    xs, ys = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        xs.append(x)
-        ys.append(torch.as_tensor(y))
-    if not xs:
-        raise ValueError("dataset: expected at least one image, got an empty dataset")
-    return torch.cat(xs), torch.cat(ys).long()
 
 
 def backbone_features(backbone, images: torch.Tensor, batch_size: int = 256, progress: bool = False) -> FeatureCache:

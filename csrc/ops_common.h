@@ -237,6 +237,15 @@ inline Tensor dense_row_target(const Tensor& out, Tensor* src, bool* copy_back) 
   return target;
 }
 
+// The functional scatter_rows of a device: its in-place scatter_rows_ (`InPlace`) applied to a copy of `out`.
+template <void (*InPlace)(Tensor, Tensor, Tensor)>
+Tensor scatter_rows_copy(Tensor out, Tensor src, Tensor index) {
+  check_scatter_args(out, src, index);
+  Tensor result = torch::stable::clone(out);
+  InPlace(result, src, index);
+  return result;
+}
+
 inline std::string out_of_range_msg(int64_t j, int64_t v, int64_t rows) {
   std::ostringstream oss;
   oss << "scatter_rows: index: expected every value in [0, " << rows << ") (out.size(0)), got index[" << j

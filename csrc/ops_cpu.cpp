@@ -81,26 +81,15 @@ void scatter_rows__cpu(Tensor out, Tensor src, Tensor index) {
   if (src_pos.empty()) return;
   src = unaliased(src, out);
 
-  MemoryFormat fmt;
-  const bool out_dense = row_format(out, &fmt);
-  // Rows that are not dense in memory are written through a dense copy of `out`.
-  Tensor target = out_dense ? out : torch::stable::contiguous(out);
-  if (!out_dense) fmt = MemoryFormat::Contiguous;
-  if (!rows_dense_as(src, fmt)) src = torch::stable::contiguous(src, fmt);
+  bool copy_back = false;  // rows that are not dense in memory are written through a dense copy of `out`
+  Tensor target = dense_row_target(out, &src, &copy_back);
 
   const int64_t esize = static_cast<int64_t>(out.element_size());
   const int64_t row_bytes = row_numel(out) * esize;
   copy_rows(static_cast<char*>(target.data_ptr()), static_cast<const char*>(src.data_ptr()), targets.data(),
             src_pos.data(), static_cast<int64_t>(src_pos.size()), row_bytes, target.stride(0) * esize,
             src.stride(0) * esize);
-  if (!out_dense) torch::stable::copy_(out, target);
-}
-
-Tensor scatter_rows_cpu(Tensor out, Tensor src, Tensor index) {
-  check_scatter_args(out, src, index);
-  Tensor result = torch::stable::clone(out);
-  scatter_rows__cpu(result, src, index);
-  return result;
+  if (copy_back) torch::stable::copy_(out, target);
 }
 
 }  // namespace
@@ -115,5 +104,5 @@ STABLE_TORCH_LIBRARY(calexnet_fast, m) {
 STABLE_TORCH_LIBRARY_IMPL(calexnet_fast, CPU, m) {
   m.impl("compact", TORCH_BOX(&calexnet_fast::compact_cpu));
   m.impl("scatter_rows_", TORCH_BOX(&calexnet_fast::scatter_rows__cpu));
-  m.impl("scatter_rows", TORCH_BOX(&calexnet_fast::scatter_rows_cpu));
+  m.impl("scatter_rows", TORCH_BOX(&calexnet_fast::scatter_rows_copy<&calexnet_fast::scatter_rows__cpu>));
 }

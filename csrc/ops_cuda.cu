@@ -202,24 +202,14 @@ void scatter_rows__cuda(Tensor out, Tensor src, Tensor index) {
     CALEX_CHECK(false, out_of_range_msg(bad, value, rows));
   }
 
-  MemoryFormat fmt;
-  const bool out_dense = row_format(out, &fmt);
-  Tensor target = out_dense ? out : torch::stable::contiguous(out);
-  if (!out_dense) fmt = MemoryFormat::Contiguous;
-  if (!rows_dense_as(src, fmt)) src = torch::stable::contiguous(src, fmt);
+  bool copy_back = false;
+  Tensor target = dense_row_target(out, &src, &copy_back);
   const int64_t esize = static_cast<int64_t>(out.element_size());
   const int64_t row_bytes = row_numel(out) * esize;
   copy_rows(static_cast<char*>(target.data_ptr()), static_cast<const char*>(src.data_ptr()), idx, nullptr,
             reinterpret_cast<const int64_t*>(winner), n, row_bytes, target.stride(0) * esize,
             src.stride(0) * esize, stream);
-  if (!out_dense) torch::stable::copy_(out, target);
-}
-
-Tensor scatter_rows_cuda(Tensor out, Tensor src, Tensor index) {
-  check_scatter_args(out, src, index);
-  Tensor result = torch::stable::clone(out);
-  scatter_rows__cuda(result, src, index);
-  return result;
+  if (copy_back) torch::stable::copy_(out, target);
 }
 
 }  // namespace
@@ -228,5 +218,5 @@ Tensor scatter_rows_cuda(Tensor out, Tensor src, Tensor index) {
 STABLE_TORCH_LIBRARY_IMPL(calexnet_fast, CUDA, m) {
   m.impl("compact", TORCH_BOX(&calexnet_fast::compact_cuda));
   m.impl("scatter_rows_", TORCH_BOX(&calexnet_fast::scatter_rows__cuda));
-  m.impl("scatter_rows", TORCH_BOX(&calexnet_fast::scatter_rows_cuda));
+  m.impl("scatter_rows", TORCH_BOX(&calexnet_fast::scatter_rows_copy<&calexnet_fast::scatter_rows__cuda>));
 }

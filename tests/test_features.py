@@ -10,8 +10,8 @@ import torch
 
 from calexnet_fast import features, io
 from calexnet_fast.backbones import cifar_resnet
-from calexnet_fast.data import synthetic_dataset
-from calexnet_fast.features import FeatureCache, backbone_features, build_feature_cache, decode_images
+from calexnet_fast.data import decode_images, synthetic_dataset
+from calexnet_fast.features import FeatureCache, backbone_features, build_feature_cache
 
 
 def tiny_backbone():

@@ -737,6 +737,16 @@ def within(dtype: torch.dtype, shape: tuple[int, ...], want: torch.Tensor, bound
     return expect
 
 
+def exactly_float32(want: torch.Tensor):
+    """The check of a float32 result that must equal the oracle ``want`` to the bit (CPM thresholds)."""
+
+    def expect(out):
+        assert out.dtype == torch.float32 and out.shape == want.shape, (out.shape, want.shape)
+        assert torch.equal(out, want), (out, want)
+
+    return expect
+
+
 def random_prototype_head(d, c: int, n_classes: int) -> PrototypePoolingHead:
     """A trained-looking head: random BN statistics, prototypes (some zero), gamma, classifier."""
     dim, k = d(st.integers(1, 6)), d(st.integers(1, 3))
@@ -1280,10 +1290,7 @@ def test_cpm_thresholds(data):
         want = cpm_oracle(conf32, pred.long().tolist(), labels.tolist(), bars2, min_support, alive)
         if squeeze:
             want = want[0]
-
-        def expect(out):
-            assert out.dtype == torch.float32 and out.shape == want.shape, (out.shape, want.shape)
-            assert torch.equal(out, want), (out, want)
+        expect = exactly_float32(want)
 
     run_case("cpm_thresholds", lambda: cpm_thresholds(*args, **kwargs), expect)
 
@@ -1448,10 +1455,7 @@ def test_calibrate(data):
         scalar = isinstance(margins, float) or (isinstance(margins, torch.Tensor) and margins.dim() == 0)
         if scalar:
             want = want[0]
-
-        def expect(out):
-            assert out.dtype == torch.float32 and out.shape == want.shape, (out.shape, want.shape)
-            assert torch.equal(out, want), (out, want)
+        expect = exactly_float32(want)
 
     run_case("calibrate", lambda: calibrate(*args, **kwargs), expect)
 

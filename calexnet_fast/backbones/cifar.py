@@ -18,7 +18,7 @@ from torch import nn
 
 from ..normalization import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoints import load_state_dict_file, load_weights, unwrap_state_dict
-from .placement import split_units
+from .placement import split_units, stage_units
 from .staged import StagedBackbone, as_pair
 
 __all__ = [
@@ -45,36 +45,46 @@ class _ShortcutA(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
-class CifarBasicBlock(nn.Module):
-    """3x3 conv-BN-ReLU, 3x3 conv-BN, plus the (option-A) shortcut, then ReLU."""
+class _CifarBlock(nn.Module):
+    """3x3 conv-BN-ReLU, 3x3 conv-BN, plus the subclass's shortcut (:meth:`skip`; the subclass registers it after
+    the convolutions, under the name its checkpoints use), then ReLU."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.skip(x))
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CifarBasicBlock(_CifarBlock):
+    """3x3 conv-BN-ReLU, 3x3 conv-BN, plus the (option-A) shortcut, then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__(in_planes, planes, stride)
         if stride != 1 or in_planes != planes:
             self.shortcut: nn.Module = _ShortcutA(planes // 4)
         else:
             self.shortcut = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x)
 
 
-class CifarBasicBlockB(nn.Module):
+class CifarBasicBlockB(_CifarBlock):
     """3x3 conv-BN-ReLU, 3x3 conv-BN, plus the option-B shortcut (``downsample``: 1x1 conv + BN where the shape
     changes, identity elsewhere), then ReLU."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(in_planes, planes, stride)
         if stride != 1 or in_planes != planes:
             self.downsample: nn.Module = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
@@ -82,10 +92,8 @@ class CifarBasicBlockB(nn.Module):
         else:
             self.downsample = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.downsample(x))
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(x)
 
 
 class CifarResNet(nn.Module):
@@ -220,17 +228,12 @@ def cifar_resnet(
         load_cifar_resnet_checkpoint(model, checkpoint)
     model.requires_grad_(False)
     model.eval()
-    units: list[tuple[str, nn.Module]] = [("conv1", model.conv1), ("bn1", model.bn1), ("relu", model.relu)]
-    aliases = {}
-    for layer in ("layer1", "layer2", "layer3"):
-        blocks = list(getattr(model, layer))
-        for i, block in enumerate(blocks):
-            units.append((f"{layer}.{i}", block))
-        aliases[layer] = f"{layer}.{len(blocks) - 1}"
-    last_block = units[-1][0]
-    del aliases["layer3"]
-    units += [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), (model.classifier_name, model.classifier)]
-    candidates = [n for n, _ in units if n.startswith("layer") and n != last_block]
+    units, candidates, aliases = stage_units(
+        model,
+        [("conv1", model.conv1), ("bn1", model.bn1), ("relu", model.relu)],
+        ("layer1", "layer2", "layer3"),
+        [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), (model.classifier_name, model.classifier)],
+    )
     return split_units(
         units,
         candidates,

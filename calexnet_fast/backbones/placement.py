@@ -22,6 +22,7 @@ __all__ = [
     "pick_by_flops",
     "placement_candidates",
     "split_units",
+    "stage_units",
 ]
 
 DEFAULT_N_BRANCHES = 3  # placement="flops" without n_branches (fewer when the model has fewer blocks)
@@ -104,6 +105,24 @@ def pick_by_flops(cum: Sequence[float], total: float, n_branches: int) -> list[i
         i = back[j][i]
         chosen.append(i)
     return list(reversed(chosen))
+
+
+def stage_units(
+    model: nn.Module,
+    stem: list[tuple[str, nn.Module]],
+    stages: Sequence[str],
+    head: list[tuple[str, nn.Module]],
+) -> tuple[list[tuple[str, nn.Module]], list[str], dict[str, str]]:
+    """The units of a ResNet-like ``model`` for :func:`split_units`: ``stem``, every block of each stage
+    (``"layer2.1"``: block 1 of ``model.layer2``), then ``head``.
+
+    Returns:
+        ``(units, candidates, aliases)``: the branch-point candidates are every block but the very last (it
+        feeds the head); each stage but the last is an alias of its last block.
+    """
+    blocks = [(f"{stage}.{i}", block) for stage in stages for i, block in enumerate(getattr(model, stage))]
+    aliases = {stage: f"{stage}.{len(getattr(model, stage)) - 1}" for stage in stages[:-1]}
+    return [*stem, *blocks, *head], [n for n, _ in blocks[:-1]], aliases
 
 
 def split_units(

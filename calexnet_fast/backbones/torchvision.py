@@ -13,7 +13,7 @@ from torch import nn
 
 from ..normalization import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoints import check_state_dict_fits, load_state_dict_file
-from .placement import split_units
+from .placement import split_units, stage_units
 from .staged import StagedBackbone, as_pair
 
 __all__ = ["from_torchvision", "resnet18", "resnet50", "torchvision_resnet"]
@@ -52,22 +52,12 @@ def from_torchvision(
     cifar_stem = tuple(model.conv1.stride) == (1, 1)
     if input_size is None:
         input_size = (32, 32) if cifar_stem else (224, 224)
-    units: list[tuple[str, nn.Module]] = [
-        ("conv1", model.conv1),
-        ("bn1", model.bn1),
-        ("relu", model.relu),
-        ("maxpool", model.maxpool),
-    ]
-    aliases: dict[str, str] = {}
-    for layer in ("layer1", "layer2", "layer3", "layer4"):
-        blocks = list(getattr(model, layer))
-        for i, block in enumerate(blocks):
-            units.append((f"{layer}.{i}", block))
-        aliases[layer] = f"{layer}.{len(blocks) - 1}"
-    last_block = units[-1][0]
-    del aliases["layer4"]
-    units += [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]
-    candidates = [n for n, _ in units if n.startswith("layer") and n != last_block]
+    units, candidates, aliases = stage_units(
+        model,
+        [("conv1", model.conv1), ("bn1", model.bn1), ("relu", model.relu), ("maxpool", model.maxpool)],
+        ("layer1", "layer2", "layer3", "layer4"),
+        [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)],
+    )
     model.requires_grad_(False)
     model.eval()
     return split_units(
@@ -115,32 +105,40 @@ def torchvision_resnet(
     return model
 
 
-def _resnet(arch: str, n_classes, stem, weights, branch_points, placement, n_branches, input_size, mean, std):
-    model = torchvision_resnet(arch, n_classes, stem, weights, in_channels=len(mean))
-    return from_torchvision(
-        model,
-        branch_points,
-        placement=placement,
-        n_branches=n_branches,
-        input_size=input_size,
-        mean=mean,
-        std=std,
-        name=f"{arch} ({stem} stem)",
-    )
+def _staged_resnet(arch: str, doc: str):
+    """The public constructor of a frozen, staged torchvision ``arch`` (:func:`resnet18`, :func:`resnet50`)."""
+
+    def staged(
+        n_classes: int = 1000,
+        *,
+        stem: str = "imagenet",
+        weights: str | Path | dict | None = None,
+        branch_points: Sequence[str] | None = None,
+        placement: str | None = None,
+        n_branches: int | None = None,
+        input_size: int | tuple[int, int] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> StagedBackbone:
+        model = torchvision_resnet(arch, n_classes, stem, weights, in_channels=len(mean))
+        return from_torchvision(
+            model,
+            branch_points,
+            placement=placement,
+            n_branches=n_branches,
+            input_size=input_size,
+            mean=mean,
+            std=std,
+            name=f"{arch} ({stem} stem)",
+        )
+
+    staged.__name__ = staged.__qualname__ = arch
+    staged.__doc__ = doc
+    return staged
 
 
-def resnet18(
-    n_classes: int = 1000,
-    *,
-    stem: str = "imagenet",
-    weights: str | Path | dict | None = None,
-    branch_points: Sequence[str] | None = None,
-    placement: str | None = None,
-    n_branches: int | None = None,
-    input_size: int | tuple[int, int] | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> StagedBackbone:
+resnet18 = _staged_resnet(
+    "resnet18",
     """A frozen, staged torchvision ResNet-18.
 
     Args:
@@ -149,21 +147,6 @@ def resnet18(
         weights: a torchvision-format state dict, or a path to one (``.safetensors``, or a ``torch.save``
             file read with ``weights_only=True``). ``None`` keeps the random initialisation. Never downloads.
         branch_points, placement, n_branches, input_size, mean, std: see :func:`from_torchvision`.
-    """
-    return _resnet("resnet18", n_classes, stem, weights, branch_points, placement, n_branches, input_size, mean, std)
-
-
-def resnet50(
-    n_classes: int = 1000,
-    *,
-    stem: str = "imagenet",
-    weights: str | Path | dict | None = None,
-    branch_points: Sequence[str] | None = None,
-    placement: str | None = None,
-    n_branches: int | None = None,
-    input_size: int | tuple[int, int] | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> StagedBackbone:
-    """A frozen, staged torchvision ResNet-50 (arguments as :func:`resnet18`)."""
-    return _resnet("resnet50", n_classes, stem, weights, branch_points, placement, n_branches, input_size, mean, std)
+    """,
+)
+resnet50 = _staged_resnet("resnet50", """A frozen, staged torchvision ResNet-50 (arguments as :func:`resnet18`).""")

@@ -20,15 +20,15 @@ fine -> coarse map (``DataSplits.fine_to_coarse``).
 
 Modules: :mod:`.datasets` (:func:`load_dataset`), :mod:`.catalog` (dataset names and directories,
 :func:`resolve_data_dir`), :mod:`.cifar` (the official pickles), :mod:`.folder` (ImageFolder trees),
-:mod:`.synthetic`, :mod:`.images` (:class:`ImageDataset`, decoding), :mod:`.splits` (:class:`DataSplits`,
-:func:`stratified_split`, :func:`stratified_subset`).
+:mod:`.synthetic`, :mod:`.images` (:class:`ImageDataset`, decoding, :func:`decode_images`), :mod:`.splits`
+(:class:`DataSplits`, :func:`stratified_split`, :func:`stratified_subset`).
 """
 
 from .catalog import DATASETS, resolve_data_dir
 from .cifar import load_cifar10, load_cifar100
 from .datasets import load_dataset
 from .folder import load_imagefolder
-from .images import IMAGE_EXTENSIONS, PRELOAD_MAX_SIDE, ImageDataset, pixel_statistics
+from .images import IMAGE_EXTENSIONS, PRELOAD_MAX_SIDE, ImageDataset, decode_images, pixel_statistics
 from .splits import DataSplits, default_min_support, default_val_size, stratified_split, stratified_subset
 from .synthetic import synthetic_dataset
 
@@ -39,6 +39,7 @@ __all__ = [
     "DataSplits",
     "ImageDataset",
     "default_min_support",
+    "decode_images",
     "default_val_size",
     "load_cifar10",
     "load_cifar100",

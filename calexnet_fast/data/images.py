@@ -13,7 +13,15 @@ from torch.utils.data import Dataset
 
 from ..normalization import NORMALIZATIONS, Normalization
 
-__all__ = ["IMAGE_EXTENSIONS", "PRELOAD_MAX_SIDE", "ImageDataset", "decode_all", "open_rgb", "pixel_statistics"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PRELOAD_MAX_SIDE",
+    "ImageDataset",
+    "decode_all",
+    "decode_images",
+    "open_rgb",
+    "pixel_statistics",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 
@@ -217,3 +225,26 @@ def decode_all(paths: list[str], desc: str, workers: int | None = None) -> torch
         ):
             pass
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def decode_images(dataset, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``dataset`` decoded and normalised once, in dataset order.
+
+    Args:
+        dataset: yields ``(image [3, H, W] float32 normalised, label)``; an ``ImageDataset`` is switched to
+            its un-augmented view.
+
+    Returns:
+        images [N, 3, H, W] float32 (contiguous), labels [N] int64.
+    """
+    from torch.utils.data import DataLoader
+
+    if hasattr(dataset, "with_options"):
+        dataset = dataset.with_options(augment=False)
+    xs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    if not xs:
+        raise ValueError("dataset: expected at least one image, got an empty dataset")
+    return torch.cat(xs), torch.cat(ys).long()

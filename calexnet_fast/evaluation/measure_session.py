@@ -17,8 +17,9 @@ from torch import nn
 
 from .. import io
 from ..backbones import fold_batchnorm
+from ..data import decode_images
 from ..distributed import default_device
-from ..features import backbone_features, decode_images
+from ..features import backbone_features
 from .points import parse_margins, point_metrics
 from .report import margin_table, plot_speed, points_table, speed_table
 from .speed import MODES, frontiers, headline, measure_points
