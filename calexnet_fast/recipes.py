@@ -40,7 +40,7 @@ from .calibration import calibrate
 from .distributed import dist_info
 from .exit_rule import exit_decision_reference
 from .features import FeatureCache, head_logits
-from .heads import PrototypePoolingHead
+from .heads import GridPrototypeHead, PrototypePoolingHead
 from .io import load_state_file, save_state_file
 from .training import CachedBatch, CacheSource, FitConfig, fit
 
@@ -61,6 +61,8 @@ __all__ = [
 WEIGHTINGS = ("none", "hard", "soft")
 CE_TARGETS = ("backbone", "labels")
 FIXES = ("weights", "kd", "aligned")
+HEADS = {"prototype": PrototypePoolingHead, "grid": GridPrototypeHead}  # Recipe.head -> branch head class
+DEFAULT_HEAD_DIMS = {"prototype": 128, "grid": 32}
 
 
 @dataclass
@@ -79,7 +81,11 @@ class Recipe:
         aligned: cascade-aligned CPM calibration (CalexNet) or each branch on the whole validation set.
         m_train: margin of the thresholds that define the training weights (0.2).
         margin_mode, min_support, bar_from: CPM options (see ``calexnet_fast.calibration``).
-        head_dim, n_prototypes: ``PrototypePoolingHead`` D and K.
+        head: the branch head: ``"prototype"`` (``PrototypePoolingHead``, the default) or ``"grid"``
+            (``GridPrototypeHead``, similarities pooled per cell of a 2 x 2 grid).
+        head_dim, n_prototypes: the head's D and K; ``head_dim=None`` (the default) takes the head's own
+            default, 128 (``"prototype"``) or 32 (``"grid"``), and is resolved to it on construction
+            (``dataclasses.replace(r, head=...)`` keeps ``r``'s resolved D: pass ``head_dim=None`` too).
     """
 
     name: str = "calexnet"
@@ -95,7 +101,8 @@ class Recipe:
     margin_mode: str = "additive"
     min_support: int = 20
     bar_from: str = "subset"
-    head_dim: int = 128
+    head: str = "prototype"
+    head_dim: int | None = None
     n_prototypes: int = 32
 
     def __post_init__(self) -> None:
@@ -111,6 +118,10 @@ class Recipe:
             raise ValueError(f"kd_temperature: expected > 0, got {self.kd_temperature}")
         if self.ce_weight < 0:
             raise ValueError(f"ce_weight: expected >= 0, got {self.ce_weight}")
+        if self.head not in HEADS:
+            raise ValueError(f"head: expected one of {tuple(HEADS)}, got {self.head!r}")
+        if self.head_dim is None:
+            self.head_dim = DEFAULT_HEAD_DIMS[self.head]
 
     @property
     def fixes(self) -> dict[str, bool]:
@@ -281,13 +292,13 @@ def branch_loss(logits: torch.Tensor, batch: CachedBatch, recipe: Recipe) -> tor
 
 
 def make_head(in_channels: int, n_classes: int, recipe: Recipe | None = None, seed: int | None = None) -> nn.Module:
-    """A ``PrototypePoolingHead`` with the recipe's D and K, initialised from ``seed`` if given
+    """The recipe's branch head (``Recipe.head``) with its D and K, initialised from ``seed`` if given
     (without touching the global RNG)."""
     r = recipe or Recipe()
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return PrototypePoolingHead(in_channels, n_classes, dim=r.head_dim, n_prototypes=r.n_prototypes)
+        return HEADS[r.head](in_channels, n_classes, dim=r.head_dim, n_prototypes=r.n_prototypes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ tested against, and what runs wherever a fast path cannot.
   ``scatter_rows_reference`` of the out-of-place ``scatter_rows``.
 - ``folded_head_reference(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias) -> logits``:
   the folded prototype-pooling head (``calexnet_fast.heads.FoldedPrototypeHead``'s forward).
+- ``grid_head_reference(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, grid, feature_grid,
+  max_size) -> logits``: the folded grid prototype-pooling head (``calexnet_fast.heads.FoldedGridPrototypeHead``);
+  ``grid_pool`` / ``working_map`` its pooling.
 - ``proto_head_exit_reference(...) -> (logits, exit, pred, conf)``: twin of the fused kernel
   ``calexnet_fast.kernels.proto_head_exit``: the folded head in float32, then the exit rule.
 - The exit rule's own twin, ``exit_decision_reference`` (of ``calexnet_fast.kernels.exit_decision``), is the
@@ -43,6 +46,9 @@ __all__ = [
     "cosine_eps",
     "elements_may_share_memory",
     "folded_head_reference",
+    "grid_head_reference",
+    "working_map",
+    "grid_pool",
     "last_occurrence",
     "proto_head_exit_reference",
     "row_format",
@@ -281,3 +287,77 @@ def proto_head_exit_reference(
     )  # fmt: skip
     exit_, pred, conf = exit_decision_reference(logits, thresholds)
     return logits, exit_, pred, conf
+
+
+def grid_pool(t: torch.Tensor, rows: int, cols: int, use_max: bool) -> torch.Tensor:
+    """Adaptive max (``use_max``) or average pooling of ``t`` [N, C, H, W] to ``rows x cols`` cells: ``t``
+    itself when it has that size, fixed-window pooling when the grid divides the map (the same windows,
+    much faster on CPU), else ``F.adaptive_*_pool2d``. TorchScript-able."""
+    h, w = t.shape[2], t.shape[3]
+    if h == rows and w == cols:
+        return t
+    if h % rows == 0 and w % cols == 0:
+        k = [h // rows, w // cols]
+        return F.max_pool2d(t, k, k) if use_max else F.avg_pool2d(t, k, k)
+    return F.adaptive_max_pool2d(t, [rows, cols]) if use_max else F.adaptive_avg_pool2d(t, [rows, cols])
+
+
+def working_map(features: torch.Tensor, max_size: int) -> torch.Tensor:
+    """The grid head's working map: ``features`` [N, C, H, W] average-pooled to ``min(H, S) x min(W, S)``
+    (``S = max_size``; the features themselves when they are no larger). The head's one pass over the
+    features: everything else it computes reads this small map."""
+    h, w = features.shape[2], features.shape[3]
+    return grid_pool(features, min(h, max_size), min(w, max_size), False)
+
+
+def grid_head_reference(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    grid: int = 2,
+    feature_grid: int = 4,
+    max_size: int = 8,
+    eps: float = COSINE_EPS,
+) -> torch.Tensor:
+    """Logits of the folded grid prototype-pooling head, in plain PyTorch, in the dtype of ``features``.
+
+    ``x = adaptive_avg_pool(f, (min(H, S), min(W, S)))`` (``S = max_size``, :func:`working_map`),
+    ``u = relu(x W^T + b)`` per cell of ``x``, ``s = (u P^T) / max(||u||, eps)`` kept as a [K, h, w] map; then
+    the features ``[max s (K G^2), mean s (K G^2), max x (C F^2), mean x (C F^2)]``, each an adaptive pool
+    (:func:`grid_pool`) to a ``G x G`` (``grid``) or ``F x F`` (``feature_grid``) grid flattened
+    channel-major, and the classifier.
+
+    Args:
+        features: [N, C, H, W] feature map (any memory format).
+        proj_weight: [D, C] projection with BN folded in.
+        proj_bias: [D] projection bias.
+        prototypes: [K, D] prototypes, already normalised and multiplied by gamma.
+        cls_weight: [n_classes, 2 K G^2 + 2 C F^2] classifier weight.
+        cls_bias: [n_classes] classifier bias.
+        grid, feature_grid, max_size: G, F and S above.
+        eps: the cosine's norm floor (``cosine_eps`` raises it where the dtype cannot hold it).
+
+    Returns:
+        [N, n_classes] logits in ``features.dtype``.
+    """
+    dt = features.dtype
+    n, c = features.shape[0], features.shape[1]
+    x = working_map(features, max_size).contiguous(memory_format=torch.channels_last)  # CPU pools: fast in NHWC
+    hs, ws = x.shape[2], x.shape[3]
+    rows = x.permute(0, 2, 3, 1).reshape(n * hs * ws, c)  # a view
+    u = torch.addmm(proj_bias.to(dt), rows, proj_weight.to(dt).t()).relu_()  # [N hw, D]
+    norm = torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(cosine_eps(dt, eps))
+    s = (torch.mm(u, prototypes.to(dt).t()) / norm).reshape(n, hs, ws, -1).permute(0, 3, 1, 2)  # [N, K, h, w]
+    feats = torch.cat(
+        [
+            grid_pool(s, grid, grid, True).flatten(1),
+            grid_pool(s, grid, grid, False).flatten(1),
+            grid_pool(x, feature_grid, feature_grid, True).flatten(1),
+            grid_pool(x, feature_grid, feature_grid, False).flatten(1),
+        ],
+        dim=1,
+    )
+    return F.linear(feats, cls_weight.to(dt), cls_bias.to(dt))

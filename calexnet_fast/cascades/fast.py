@@ -9,6 +9,9 @@ survivors run stage ``k``, then the branch head and its exit decision:
 - elsewhere the head runs in its folded inference form (BN folded into the projection) in eager PyTorch,
   followed by the reference exit rule.
 
+A ``GridPrototypeHead`` has no fused kernel: on every device it runs in its folded form
+(``FoldedGridPrototypeHead``) followed by the exit decision (the fused ``exit_decision`` kernel on CUDA).
+
 The survivors' feature maps are gathered into a dense batch by the C++ ``compact`` op (on CUDA its survivor
 count is the one host sync of the stage) and only they run the next stage. Every stage's logits are kept
 with their input positions and written into the output once at the end by ``scatter_rows_``, whose
@@ -30,7 +33,7 @@ from torch import nn
 
 from ..availability import Plan, cascade_plan
 from ..exit_rule import CascadeOutput, exit_decision_reference
-from ..heads import FoldedPrototypeHead, PrototypePoolingHead
+from ..heads import FoldedGridPrototypeHead, FoldedPrototypeHead, GridPrototypeHead, PrototypePoolingHead
 from ..kernels import exit_decision, proto_head_exit, proto_head_operand_dtypes
 from .deployable import DeployableCascade
 from .reference import ReferenceCascade
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
     from .streaming import Stream
 
 __all__ = ["Cascade"]
+
+_FOLDABLE = (PrototypePoolingHead, GridPrototypeHead)  # heads with a fold() inference form
 
 
 def _state_key(module: nn.Module, device: torch.device) -> tuple:
@@ -56,7 +61,7 @@ class Cascade(ReferenceCascade):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._folded_cache: dict[int, tuple[tuple, FoldedPrototypeHead]] = {}
+        self._folded_cache: dict[int, tuple[tuple, FoldedPrototypeHead | FoldedGridPrototypeHead]] = {}
 
     @classmethod
     def from_reference(cls, reference: ReferenceCascade) -> Cascade:
@@ -99,7 +104,7 @@ class Cascade(ReferenceCascade):
         save it with ``.save(path)`` and load it with ``torch.jit.load`` after ``import calexnet_fast`` (Python)
         or after loading ``libcalexnet_fast_cpu.so`` (and ``libcalexnet_fast_cuda.so``) in libtorch.
         """
-        heads = [h.fold() if isinstance(h, PrototypePoolingHead) else h for h in self.heads]
+        heads = [h.fold() if isinstance(h, _FOLDABLE) else h for h in self.heads]
         device = self.thresholds.device
         deployable = DeployableCascade(
             list(self.stages), [h.to(device) for h in heads], self.thresholds, n_classes=self.n_classes
@@ -125,7 +130,7 @@ class Cascade(ReferenceCascade):
         """The backend used for inputs on ``device``, and why (the same report as ``calexnet_fast.info``)."""
         return cascade_plan(torch.device(device).type)
 
-    def folded_head(self, k: int, device: torch.device) -> FoldedPrototypeHead:
+    def folded_head(self, k: int, device: torch.device) -> FoldedPrototypeHead | FoldedGridPrototypeHead:
         """Head ``k``'s inference form on ``device``, refolded whenever the head's weights change."""
         head = self.heads[k]
         key = _state_key(head, device)
@@ -163,6 +168,8 @@ class Cascade(ReferenceCascade):
                 logits, exit_, _, _ = proto_head_exit(h, *operands, thresholds)
                 return logits, exit_
             logits = folded(h)
+        elif isinstance(head, GridPrototypeHead):
+            logits = self.folded_head(k, h.device)(h)
         else:
             logits = head(h)
         decide = exit_decision if fused else exit_decision_reference

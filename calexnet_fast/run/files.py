@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from ..backbones import StagedBackbone
-from ..heads import PrototypePoolingHead
+from ..heads import GridPrototypeHead, PrototypePoolingHead
 from ..io import load_state_file, save_state_file
 from .records import RunError
 
 __all__ = ["export_stages", "exported_backbone", "load_heads", "save_heads"]
+
+_GRID_SIZES = ("grid", "feature_grid", "max_size")  # GridPrototypeHead's sizes beyond D and K
 
 
 def save_heads(path: str | Path, heads: Sequence[nn.Module], config: dict) -> str:
@@ -32,6 +34,7 @@ def save_heads(path: str | Path, heads: Sequence[nn.Module], config: dict) -> st
                 "n_classes": getattr(h, "n_classes", None),
                 "dim": getattr(h, "dim", None),
                 "n_prototypes": getattr(h, "n_prototypes", None),
+                **{a: getattr(h, a) for a in _GRID_SIZES if isinstance(h, GridPrototypeHead)},
             }
         )
     return save_state_file(path, tensors, {**config, "heads": specs})
@@ -61,6 +64,11 @@ def load_heads(
         elif spec.get("class") == "PrototypePoolingHead":
             h = PrototypePoolingHead(
                 spec["in_channels"], spec["n_classes"], dim=spec["dim"], n_prototypes=spec["n_prototypes"]
+            )
+        elif spec.get("class") == "GridPrototypeHead":
+            sizes = {a: spec[a] for a in _GRID_SIZES}
+            h = GridPrototypeHead(
+                spec["in_channels"], spec["n_classes"], dim=spec["dim"], n_prototypes=spec["n_prototypes"], **sizes
             )
         else:
             raise RuntimeError(f"{path}: head {k} is a {spec.get('class')!r}; pass head_factory to build it")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .reference import COSINE_EPS, cosine_eps, folded_head_reference
+from ..reference import COSINE_EPS, cosine_eps, folded_head_reference
 
 
 def _check_features(

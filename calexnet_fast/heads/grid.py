@@ -1,0 +1,225 @@
+"""The grid prototype-pooling head: prototype similarities pooled per cell of a small grid, so the head keeps
+the spatial layout that the global pooling of ``PrototypePoolingHead`` throws away.
+
+``GridPrototypeHead`` is the trainable module:
+
+1. working map ``x = adaptive_avg_pool(f, (min(H, S), min(W, S)))`` (``S = max_size``, default 8): the
+   projection is linear, so projecting the pooled map equals pooling the projected one before the ReLU,
+   at ``(S / H)^2`` of the cost;
+2. projection ``u = ReLU(BN(Conv1x1_{C->D}(x)))``;
+3. ``K`` learnable prototypes ``P`` [K, D]; similarity map ``s[k, i, j] = gamma * cos(u[:, i, j], P[k])``
+   (the cosine convention of ``calexnet_fast.reference``: a zero projection gives 0, never NaN);
+4. grid pooling: max and mean of ``s`` per cell of a ``G x G`` grid (``grid``, default 2) -> ``2 K G^2``;
+5. augmentation: max and mean of the working map ``x`` per cell of an ``F x F`` grid (``feature_grid``,
+   default 4; SDN-style pooling of the branch features, the max taken over their local means so that the
+   head reads the feature map once) -> ``2 C F^2``; order ``[max s, mean s, max x, mean x]``, each
+   flattened channel-major (adaptive pooling, ``calexnet_fast.reference.grid_pool``: any H, W works, also
+   smaller than the grid);
+6. a linear classifier -> logits.
+
+``GridPrototypeHead.fold()`` returns a ``FoldedGridPrototypeHead``: BN folded into the projection, prototypes
+normalised and multiplied by gamma; its forward is ``calexnet_fast.reference.grid_head_reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reference import COSINE_EPS, cosine_eps, grid_head_reference, grid_pool, working_map
+from .prototype import _check_features
+
+
+def _check_sizes(**sizes: object) -> None:
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+
+def grid_feature_dim(in_channels: int, n_prototypes: int, grid: int, feature_grid: int) -> int:
+    """``2 K G^2 + 2 C F^2``, the width of the pooled feature vector the classifier sees (D does not enter:
+    the projection reaches the classifier only through the similarities)."""
+    return 2 * n_prototypes * grid * grid + 2 * in_channels * feature_grid * feature_grid
+
+
+class FoldedGridPrototypeHead(nn.Module):
+    """Inference form of ``GridPrototypeHead``.
+
+    Buffers: ``proj_weight`` [D, C] (BN folded in), ``proj_bias`` [D], ``prototypes`` [K, D]
+    (``gamma * P / max(||P||, 1e-8)``), ``cls_weight`` [n_classes, 2 K G^2 + 2 C F^2], ``cls_bias``
+    [n_classes]; ints ``grid``, ``feature_grid``, ``max_size``.
+
+    ``forward(features [N, C, H, W]) -> logits [N, n_classes]`` is
+    ``calexnet_fast.reference.grid_head_reference``, computed in the dtype of ``features``.
+    """
+
+    def __init__(
+        self,
+        proj_weight: torch.Tensor,
+        proj_bias: torch.Tensor,
+        prototypes: torch.Tensor,
+        cls_weight: torch.Tensor,
+        cls_bias: torch.Tensor,
+        grid: int = 2,
+        feature_grid: int = 4,
+        max_size: int = 8,
+    ) -> None:
+        super().__init__()
+        _check_sizes(grid=grid, feature_grid=feature_grid, max_size=max_size)
+        buffers = {"proj_weight": proj_weight, "proj_bias": proj_bias, "prototypes": prototypes}
+        buffers.update(cls_weight=cls_weight, cls_bias=cls_bias)
+        for name, t in buffers.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a floating torch.Tensor, got {got}")
+        for name, t in [("proj_weight", proj_weight), ("prototypes", prototypes), ("cls_weight", cls_weight)]:
+            if t.dim() != 2:
+                raise ValueError(f"{name}: expected a 2-D tensor, got shape {list(t.shape)}")
+        d, c = proj_weight.shape
+        k = prototypes.shape[0]
+        width = grid_feature_dim(c, k, grid, feature_grid)
+        checks = [
+            ("proj_bias", proj_bias, [d]),
+            ("prototypes", prototypes, [k, d]),
+            ("cls_weight", cls_weight, [cls_weight.shape[0], width]),
+            ("cls_bias", cls_bias, [cls_weight.shape[0]]),
+        ]
+        for name, t, shape in checks:
+            if list(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
+        for name, t in buffers.items():
+            self.register_buffer(name, t.detach().clone())
+        self.grid = grid
+        self.feature_grid = feature_grid
+        self.max_size = max_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.proj_weight.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.proj_weight.shape[0]
+
+    @property
+    def n_prototypes(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.cls_weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
+            _check_features(features, self.in_channels, self.proj_weight.device)
+        return grid_head_reference(
+            features,
+            self.proj_weight,
+            self.proj_bias,
+            self.prototypes,
+            self.cls_weight,
+            self.cls_bias,
+            self.grid,
+            self.feature_grid,
+            self.max_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, n_classes={self.n_classes}, dim={self.dim}, "
+            f"n_prototypes={self.n_prototypes}, grid={self.grid}, feature_grid={self.feature_grid}, "
+            f"max_size={self.max_size}"
+        )
+
+
+class GridPrototypeHead(nn.Module):
+    """The grid prototype-pooling head (module docstring, steps 1-6).
+
+    Args:
+        in_channels: C, channels of the branch-point feature map.
+        n_classes: number of classes.
+        dim: D, projection width (default 32).
+        n_prototypes: K, number of prototypes (default 32).
+        grid: G, the similarity grid is G x G (default 2); at most ``max_size``.
+        feature_grid: F, the working map is max- and mean-pooled to F x F (default 4).
+        max_size: S, the map is average-pooled to at most S x S before the projection (default 8).
+        gamma_init: initial similarity scale gamma (default 10, as ``PrototypePoolingHead``).
+
+    ``forward(features [N, C, H, W]) -> logits [N, n_classes]``. Parameters: conv ``C*D`` (no bias: BN
+    follows), BN ``2D``, prototypes ``K*D``, gamma 1, classifier ``(2 K G^2 + 2 C F^2 + 1) * n_classes``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_classes: int,
+        dim: int = 32,
+        n_prototypes: int = 32,
+        grid: int = 2,
+        feature_grid: int = 4,
+        max_size: int = 8,
+        gamma_init: float = 10.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(in_channels=in_channels, n_classes=n_classes, dim=dim, n_prototypes=n_prototypes)
+        _check_sizes(grid=grid, feature_grid=feature_grid, max_size=max_size)
+        if grid > max_size:
+            raise ValueError(f"grid: expected at most max_size = {max_size} cells a side, got {grid}")
+        self.in_channels = in_channels
+        self.n_classes = n_classes
+        self.dim = dim
+        self.n_prototypes = n_prototypes
+        self.grid = grid
+        self.feature_grid = feature_grid
+        self.max_size = max_size
+        self.eps = COSINE_EPS  # an attribute, not a global, so the head can be scripted
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))
+        self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
+        self.classifier = nn.Linear(self.feature_dim, n_classes)
+
+    @property
+    def feature_dim(self) -> int:
+        """2 K G^2 + 2 C F^2, the width of the pooled feature vector the classifier sees."""
+        return grid_feature_dim(self.in_channels, self.n_prototypes, self.grid, self.feature_grid)
+
+    def pooled_features(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, 2 K G^2 + 2 C F^2] features ``[max s, mean s, max x, mean x]``."""
+        if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
+            _check_features(features, self.in_channels, self.proj.weight.device, self.proj.weight.dtype)
+        x = working_map(features, self.max_size)
+        u = torch.relu(self.bn(self.proj(x)))  # [N, D, h, w]
+        un = F.normalize(u, dim=1, eps=cosine_eps(u.dtype, self.eps))
+        pn = F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
+        s = self.gamma * torch.einsum("ndhw,kd->nkhw", un, pn)  # [N, K, h, w]
+        g, fg = self.grid, self.feature_grid
+        parts = [grid_pool(s, g, g, True), grid_pool(s, g, g, False), grid_pool(x, fg, fg, True)]
+        parts.append(grid_pool(x, fg, fg, False))
+        return torch.cat([p.flatten(1) for p in parts], dim=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooled_features(features))
+
+    @torch.no_grad()
+    def fold(self) -> FoldedGridPrototypeHead:
+        """The inference form: BN (running statistics) folded into the projection, prototypes normalised and
+        scaled by gamma. Equals ``self.eval()(f)`` up to float rounding; it does not track later training."""
+        bn = self.bn
+        if bn.running_mean is None or bn.running_var is None:
+            raise RuntimeError("fold: BatchNorm has no running statistics (track_running_stats=False)")
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [D]
+        w = self.proj.weight.flatten(1) * scale[:, None]  # [D, C]
+        b = bn.bias - bn.running_mean * scale
+        p = self.gamma * F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
+        return FoldedGridPrototypeHead(
+            w, b, p, self.classifier.weight, self.classifier.bias, self.grid, self.feature_grid, self.max_size
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, n_classes={self.n_classes}, dim={self.dim}, "
+            f"n_prototypes={self.n_prototypes}, grid={self.grid}, feature_grid={self.feature_grid}, "
+            f"max_size={self.max_size}"
+        )
