@@ -1,4 +1,4 @@
-"""Time a CPM calibration sweep (DESIGN.md §1): M margins over N validation samples, K branches, on CPU.
+"""Time a CPM calibration sweep (docs/design.md §1): M margins over N validation samples, K branches, on CPU.
 
     python bench/calibration.py [--n 10000] [--classes 10] [--branches 3] [--margins 50] [--repeat 5]
 

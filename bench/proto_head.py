@@ -3,7 +3,7 @@
     python bench/proto_head.py [--device cpu|cuda] [--quick] [--batch N] [--dtype bfloat16|float16|float32]
                                [--channels-last] [--classes 1000] [--sweep] [--sass] [--json PATH]
 
-Head (DESIGN.md §1, D = 128, K = 32) on the branch-point feature maps of a 224x224 input: ResNet18 layer1 /
+Head (docs/design.md §1, D = 128, K = 32) on the branch-point feature maps of a 224x224 input: ResNet18 layer1 /
 layer2 (64x56x56, 128x28x28) and ResNet50 layer1 / layer2 (256x56x56, 512x28x28), N = 256 on CUDA.
 Methods, all producing (logits, exit, pred, conf):
   fused    calexnet_fast.kernels.proto_head_exit (one Triton kernel; CUDA only)

@@ -1,4 +1,4 @@
-"""CPM (Class Precision Margin) calibration of per-class exit thresholds (DESIGN.md §1).
+"""CPM (Class Precision Margin) calibration of per-class exit thresholds (docs/design.md §1).
 
 For branch k and class c: Pr_c is the backbone's precision on class c (P(y = c | backbone predicts c))
 over the branch's calibration set; the bar is ``Pr_c - m`` (``margin_mode="additive"``) or
@@ -12,7 +12,7 @@ lowest confidence such that the set {conf ≥ τ} has precision ≥ bar and at l
 * ``bar_from="subset"`` (default) measures Pr_c on the branch's calibration set, ``"full_validation"`` on
   the whole validation set.
 
-Choices this module fixes where DESIGN.md is silent (documented, tested):
+Choices this module fixes where the method leaves room (documented, tested):
 
 * τ is always one of the confidences of the calibration set, taken at the end of a run of tied
   confidences (the set {conf ≥ τ} contains every tie), so the precision guarantee holds for exactly the

@@ -1,4 +1,4 @@
-"""FLOPs accounting for early-exit cascades (DESIGN.md §1).
+"""FLOPs accounting for early-exit cascades (docs/design.md §1).
 
 Every count comes from ``torch.utils.flop_counter.FlopCounterMode`` (no hand-written counter), so it covers
 what that counter covers: convolutions, matrix products and attention, at 2 FLOPs per multiply-add;
@@ -126,7 +126,7 @@ def head_flops(
 
 @dataclass(frozen=True)
 class FlopsProfile:
-    """Per-sample FLOPs of a cascade's pieces and the cost model of DESIGN.md §1.
+    """Per-sample FLOPs of a cascade's pieces and the cost model of docs/design.md §1.
 
     Attributes:
         segment_flops: ``K + 1`` per-sample FLOPs of the backbone stages ``S_0 .. S_K``.

@@ -1,8 +1,7 @@
-"""Training recipes for early-exit branches on a frozen backbone (DESIGN.md §1).
+"""Training recipes for early-exit branches on a frozen backbone (docs/design.md §1).
 
-A :class:`Recipe` says how branch ``k`` is trained and calibrated; :func:`train_branches` runs it on
-cached branch features (``calexnet_fast.features``, trained with ``calexnet_fast.training``), one branch
-after the other:
+A :class:`Recipe` says how branch ``k`` is trained and calibrated; :func:`train_branches` runs it on cached
+branch features (``features``, trained with ``training``), one branch after the other:
 
 1. weights ``w_k`` for the training samples from the already trained branches ``1..k-1`` and their
    thresholds at the training margin ``m_train`` (:func:`survivor_weights`);
@@ -15,8 +14,7 @@ The three CalexNet fixes are independent switches, so every one of the 2³ combi
   boosted training) or ``"none"``;
 * ``distill``: KD from the backbone at temperature ``kd_temperature`` (fix 3), optionally mixed with
   ``ce_weight`` × CE; without it, plain CE on ``ce_target`` (the backbone's argmax, or the labels);
-* ``aligned``: cascade-aligned calibration (fix 2), used both for the ``m_train`` thresholds here and by
-  ``calexnet calibrate``.
+* ``aligned``: cascade-aligned calibration (fix 2), for the ``m_train`` thresholds and ``calexnet calibrate``.
 
 :func:`recipe` builds them by name: ``calexnet`` (all fixes), ``reference`` (none),
 ``reference+weights`` / ``reference+kd`` / ``reference+aligned`` (one fix) and ``calexnet-weights`` /
@@ -28,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -315,7 +314,10 @@ class BranchTraining:
         train_thresholds: [K-1, C] thresholds at ``m_train`` of branches 1..K-1 (what defined the
             weights), or ``None`` with ``weighting="none"``.
         weights: per branch, the [N] training weights it used (``None``: all ones).
-        weight_stats: per branch: min, max and effective sample fraction ``(Σw)² / (N Σw²)``.
+        weight_stats: per branch: min, max and effective sample fraction ``(Σw)² / (N Σw²)``; for weighted
+            branches also ``exiting_classes`` (per earlier branch, classes with a finite threshold at
+            ``m_train``) and ``train_exit_share`` (training samples the exit rule lets out of an earlier
+            branch). Below 1 % a ``RuntimeWarning`` says the weights have (nearly) no effect.
         history: per branch, the :func:`~calexnet_fast.training.fit` history.
     """
 
@@ -333,6 +335,34 @@ def _weight_stats(w: torch.Tensor) -> dict:
         "max": float(w.max()),
         "effective_fraction": float(w.sum() ** 2 / (len(w) * (w * w).sum())),
     }
+
+
+DEGENERATE_EXIT_SHARE = 0.01  # below this share leaving earlier branches, the weights are (nearly) all equal
+
+
+def _exit_stats(prev_logits: Sequence[torch.Tensor], thresholds: torch.Tensor) -> dict:
+    """Classes that can exit at each earlier branch, and the share of samples leaving some earlier branch."""
+    out = torch.zeros(prev_logits[0].shape[0], dtype=torch.bool)
+    for z, t in zip(prev_logits, thresholds.unbind(0), strict=True):
+        out |= exit_decision_reference(z, t.to(z.device))[0].cpu()
+    return {
+        "exiting_classes": [int(torch.isfinite(t).sum()) for t in thresholds.unbind(0)],
+        "train_exit_share": float(out.double().mean()) if len(out) else 0.0,
+    }
+
+
+def _warn_if_degenerate(k: int, stats: dict, recipe: Recipe) -> None:
+    if stats["train_exit_share"] >= DEGENERATE_EXIT_SHARE:
+        return
+    warnings.warn(
+        f"recipe {recipe.name!r}, branch {k + 1}: at the training margin m_train={recipe.m_train} the earlier "
+        f"branches let {stats['train_exit_share']:.1%} of the training samples exit (classes that can exit: "
+        f"{stats['exiting_classes']}, min_support={recipe.min_support}), so the survivor weights are nearly all 1 "
+        f"(effective sample fraction {stats['effective_fraction']:.3f}) and this branch trains as without them; "
+        "lower min_support, raise m_train, or train the earlier branches longer",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def train_branches(
@@ -399,7 +429,11 @@ def train_branches(
                 train_logits, thresholds, recipe.weighting, recipe.weight_temperature, recipe.weight_floor
             )
         result.weights.append(weights)
-        result.weight_stats.append(_weight_stats(weights if weights is not None else torch.ones(len(train_cache))))
+        stats = _weight_stats(weights if weights is not None else torch.ones(len(train_cache)))
+        if weights is not None:
+            stats.update(_exit_stats(train_logits, thresholds))
+            _warn_if_degenerate(k, stats, recipe)
+        result.weight_stats.append(stats)
         bdir = out / f"branch_{k + 1}" if out is not None else None
         final = bdir / "head.safetensors" if bdir is not None else None
         history: list[dict] = []

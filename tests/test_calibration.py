@@ -22,7 +22,7 @@ INF = math.inf
 
 
 def brute_force(conf, pred, labels, bars, min_support, mask=None):
-    """Literal reading of DESIGN.md: lowest τ among the set's confidences with precision ≥ bar, support."""
+    """Literal reading of docs/design.md §1: lowest τ among the set's confidences with precision ≥ bar, support."""
     c_count = bars.shape[0]
     mask = torch.ones_like(pred, dtype=torch.bool) if mask is None else mask
     out = torch.full((c_count,), INF)

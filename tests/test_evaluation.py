@@ -118,7 +118,7 @@ def test_heads_are_paid_for_even_when_they_fail():
 
 
 def _exit_by_hand(branch_logits, backbone_logits, thr):
-    """An independent per-sample loop of the DESIGN.md exit rule."""
+    """An independent per-sample loop of the exit rule (docs/design.md §1)."""
     p = torch.softmax(branch_logits, -1)
     preds, exits = [], []
     for i in range(branch_logits.shape[1]):

@@ -1,4 +1,4 @@
-"""PrototypePoolingHead (DESIGN.md §1 steps 1-5) and its folded inference form."""
+"""PrototypePoolingHead (docs/design.md §1 steps 1-5) and its folded inference form."""
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ The ``kernel``-marked tests launch the kernel itself: natively on CUDA through t
 tensors through the internal launcher in the interpreter worker that ``test_interpreter_run`` starts (see
 tests/conftest.py). Grids stay tiny: the interpreter costs milliseconds per program instance.
 
-Tolerance rule (DESIGN.md §4): against an fp64 evaluation, the kernel's max error <= 2 x the error of PyTorch
+Tolerance rule (docs/design.md §4): against an fp64 evaluation, the kernel's max error <= 2 x the error of PyTorch
 computing the same thing in the input dtype + a small atol; discrete outputs (pred, exit) equal wherever the
 fp64 reference is not within that tolerance of a tie (argmax margin, or conf vs its threshold).
 """

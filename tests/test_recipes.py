@@ -303,3 +303,26 @@ def test_full_recipe_beats_chance_end_to_end(trained):
     torch.testing.assert_close(zt, sim.branch_logits, rtol=0, atol=2e-2)  # fp16 cached features
     decided = apply_exit_rule(sim.branch_logits, sim.backbone_logits, thr)
     assert torch.equal(decided.exit_index, out.exit_index)
+
+
+def test_a_recipe_whose_weights_cannot_act_warns_and_records_it():
+    """No class can exit at the training margin (min_support above the validation size): the survivor weights
+    are all 1, so CalexNet would quietly train as reference + KD; it warns and records why."""
+    tr, va = make_caches()
+    rec = recipes.recipe("calexnet", **{**SMALL, "min_support": len(va) + 1})
+    with pytest.warns(RuntimeWarning, match=r"branch 2: .* 0\.0% of the training samples exit"):
+        res = recipes.train_branches(tr, va, rec, FitConfig(epochs=1, batch_size=32, lr=1e-2), progress=False)
+    stats = res.weight_stats[1]
+    assert stats["exiting_classes"] == [0] and stats["train_exit_share"] == 0.0
+    assert stats["effective_fraction"] == pytest.approx(1.0)
+    assert torch.isinf(res.train_thresholds).all()
+
+
+def test_a_recipe_whose_weights_act_records_the_exit_share(recwarn):
+    tr, va = make_caches()
+    res = recipes.train_branches(
+        tr, va, recipes.recipe("calexnet", **SMALL), FitConfig(epochs=3, batch_size=32, lr=1e-2), progress=False
+    )
+    stats = res.weight_stats[1]
+    assert stats["exiting_classes"][0] > 0 and stats["train_exit_share"] >= recipes.DEGENERATE_EXIT_SHARE
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning) and "m_train" in str(w.message)]

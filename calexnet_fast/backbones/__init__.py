@@ -1,4 +1,4 @@
-"""Frozen CNN backbones split into stages at branch points (DESIGN.md §1, §2).
+"""Frozen CNN backbones split into stages at branch points (docs/design.md §1, §2).
 
 A :class:`StagedBackbone` holds the stages ``S_0 .. S_K`` of a frozen network: branch ``k`` (1-based) reads
 the feature map ``f_k`` produced by stage ``k-1``, and the last stage ``S_K`` ends with the backbone's own

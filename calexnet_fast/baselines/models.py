@@ -1,4 +1,4 @@
-"""The published early-exit baselines' models, rebuilt on a frozen backbone (DESIGN.md §1, BASELINES.md).
+"""The published early-exit baselines' models, rebuilt on a frozen backbone (docs/design.md §1, BASELINES.md).
 
 Every baseline attaches its own heads to the same branch points as CalexNet and keeps its own exit rule: a
 sample leaves at the first branch whose **score** reaches one global threshold τ

@@ -1,4 +1,4 @@
-"""``Cascade``: the fast early-exit cascade (DESIGN.md §2), same constructor and output as ``ReferenceCascade``.
+"""``Cascade``: the fast early-exit cascade (docs/design.md §2), same constructor and output as ``ReferenceCascade``.
 
 It runs the one cascade loop of :class:`~calexnet_fast.cascades.ReferenceCascade`; per branch ``k`` the
 survivors run stage ``k``, then the branch head and its exit decision:

@@ -1,4 +1,4 @@
-"""The reference early-exit cascade (DESIGN.md §2) and the one cascade loop every cascade runs.
+"""The reference early-exit cascade (docs/design.md §2) and the one cascade loop every cascade runs.
 
 :class:`ReferenceCascade` runs a frozen staged backbone with ``K`` branch heads and per-class thresholds
 and really skips work: after each branch the samples that exit leave the batch, the survivors are gathered

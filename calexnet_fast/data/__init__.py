@@ -1,4 +1,4 @@
-"""Datasets for training and evaluating early-exit branches (DESIGN.md §1, §5).
+"""Datasets for training and evaluating early-exit branches (docs/design.md §1, §5).
 
 Everything is read from directories the user already has; nothing is downloaded. Supported:
 

@@ -1,4 +1,4 @@
-"""The augmented prototype-pooling branch head of DESIGN.md §1 and its folded inference form.
+"""The augmented prototype-pooling branch head of docs/design.md §1 and its folded inference form.
 
 ``PrototypePoolingHead`` is the trainable module (steps 1-5 of the design):
 
@@ -163,7 +163,7 @@ class FoldedPrototypeHead(nn.Module):
 
 
 class PrototypePoolingHead(nn.Module):
-    """The augmented prototype-pooling head (DESIGN.md §1, steps 1-5).
+    """The augmented prototype-pooling head (docs/design.md §1, steps 1-5).
 
     Args:
         in_channels: C, channels of the branch-point feature map.

@@ -131,7 +131,7 @@ def _exit_decision_fake(
 
 
 def exit_decision(logits: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exit rule of DESIGN.md §1 for one branch, fused into one kernel on CUDA.
+    """Exit rule of docs/design.md §1 for one branch, fused into one kernel on CUDA.
 
     Args:
         logits: [N, C] branch logits, float16/bfloat16/float32/float64 (computed in float32), any strides.

@@ -1,4 +1,4 @@
-"""Fused prototype-pooling head + exit decision (DESIGN.md §1 steps 1-5, softmax, argmax, threshold test).
+"""Fused prototype-pooling head + exit decision (docs/design.md §1 steps 1-5, softmax, argmax, threshold test).
 
 Public: ``proto_head_exit(features [N, C, H, W], proj_weight, proj_bias, prototypes, cls_weight, cls_bias,
 thresholds [n_classes]) -> (logits float32 [N, n_classes], exit bool [N], pred int64 [N], conf float32 [N])``,
