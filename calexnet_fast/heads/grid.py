@@ -24,17 +24,10 @@ normalised and multiplied by gamma; its forward is ``calexnet_fast.reference.gri
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..reference import COSINE_EPS, cosine_eps, grid_head_reference, grid_pool, working_map
-from .prototype import _check_features
-
-
-def _check_sizes(**sizes: object) -> None:
-    for name, v in sizes.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+from ..reference import grid_head_reference, grid_pool, working_map
+from .prototype import FoldedHead, PrototypeProjection, _check_features, check_positive_ints
 
 
 def grid_feature_dim(in_channels: int, n_prototypes: int, grid: int, feature_grid: int) -> int:
@@ -43,7 +36,7 @@ def grid_feature_dim(in_channels: int, n_prototypes: int, grid: int, feature_gri
     return 2 * n_prototypes * grid * grid + 2 * in_channels * feature_grid * feature_grid
 
 
-class FoldedGridPrototypeHead(nn.Module):
+class FoldedGridPrototypeHead(FoldedHead):
     """Inference form of ``GridPrototypeHead``.
 
     Buffers: ``proj_weight`` [D, C] (BN folded in), ``proj_bias`` [D], ``prototypes`` [K, D]
@@ -65,50 +58,12 @@ class FoldedGridPrototypeHead(nn.Module):
         feature_grid: int = 4,
         max_size: int = 8,
     ) -> None:
-        super().__init__()
-        _check_sizes(grid=grid, feature_grid=feature_grid, max_size=max_size)
-        buffers = {"proj_weight": proj_weight, "proj_bias": proj_bias, "prototypes": prototypes}
-        buffers.update(cls_weight=cls_weight, cls_bias=cls_bias)
-        for name, t in buffers.items():
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name}: expected a floating torch.Tensor, got {got}")
-        for name, t in [("proj_weight", proj_weight), ("prototypes", prototypes), ("cls_weight", cls_weight)]:
-            if t.dim() != 2:
-                raise ValueError(f"{name}: expected a 2-D tensor, got shape {list(t.shape)}")
-        d, c = proj_weight.shape
-        k = prototypes.shape[0]
-        width = grid_feature_dim(c, k, grid, feature_grid)
-        checks = [
-            ("proj_bias", proj_bias, [d]),
-            ("prototypes", prototypes, [k, d]),
-            ("cls_weight", cls_weight, [cls_weight.shape[0], width]),
-            ("cls_bias", cls_bias, [cls_weight.shape[0]]),
-        ]
-        for name, t, shape in checks:
-            if list(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
-        for name, t in buffers.items():
-            self.register_buffer(name, t.detach().clone())
+        check_positive_ints(grid=grid, feature_grid=feature_grid, max_size=max_size)
+        width = lambda c, k, d: grid_feature_dim(c, k, grid, feature_grid)
+        super().__init__(proj_weight, proj_bias, prototypes, cls_weight, cls_bias, width)
         self.grid = grid
         self.feature_grid = feature_grid
         self.max_size = max_size
-
-    @property
-    def in_channels(self) -> int:
-        return self.proj_weight.shape[1]
-
-    @property
-    def dim(self) -> int:
-        return self.proj_weight.shape[0]
-
-    @property
-    def n_prototypes(self) -> int:
-        return self.prototypes.shape[0]
-
-    @property
-    def n_classes(self) -> int:
-        return self.cls_weight.shape[0]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
@@ -133,7 +88,7 @@ class FoldedGridPrototypeHead(nn.Module):
         )
 
 
-class GridPrototypeHead(nn.Module):
+class GridPrototypeHead(PrototypeProjection):
     """The grid prototype-pooling head (module docstring, steps 1-6).
 
     Args:
@@ -161,23 +116,13 @@ class GridPrototypeHead(nn.Module):
         max_size: int = 8,
         gamma_init: float = 10.0,
     ) -> None:
-        super().__init__()
-        _check_sizes(in_channels=in_channels, n_classes=n_classes, dim=dim, n_prototypes=n_prototypes)
-        _check_sizes(grid=grid, feature_grid=feature_grid, max_size=max_size)
+        check_positive_ints(grid=grid, feature_grid=feature_grid, max_size=max_size)
         if grid > max_size:
             raise ValueError(f"grid: expected at most max_size = {max_size} cells a side, got {grid}")
-        self.in_channels = in_channels
-        self.n_classes = n_classes
-        self.dim = dim
-        self.n_prototypes = n_prototypes
+        super().__init__(in_channels, n_classes, dim, n_prototypes, gamma_init)
         self.grid = grid
         self.feature_grid = feature_grid
         self.max_size = max_size
-        self.eps = COSINE_EPS  # an attribute, not a global, so the head can be scripted
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(dim)
-        self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))
-        self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
         self.classifier = nn.Linear(self.feature_dim, n_classes)
 
     @property
@@ -190,10 +135,7 @@ class GridPrototypeHead(nn.Module):
         if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
             _check_features(features, self.in_channels, self.proj.weight.device, self.proj.weight.dtype)
         x = working_map(features, self.max_size)
-        u = torch.relu(self.bn(self.proj(x)))  # [N, D, h, w]
-        un = F.normalize(u, dim=1, eps=cosine_eps(u.dtype, self.eps))
-        pn = F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
-        s = self.gamma * torch.einsum("ndhw,kd->nkhw", un, pn)  # [N, K, h, w]
+        _, s = self.similarity(x)  # [N, K, h, w]
         g, fg = self.grid, self.feature_grid
         parts = [grid_pool(s, g, g, True), grid_pool(s, g, g, False), grid_pool(x, fg, fg, True)]
         parts.append(grid_pool(x, fg, fg, False))
@@ -206,13 +148,7 @@ class GridPrototypeHead(nn.Module):
     def fold(self) -> FoldedGridPrototypeHead:
         """The inference form: BN (running statistics) folded into the projection, prototypes normalised and
         scaled by gamma. Equals ``self.eval()(f)`` up to float rounding; it does not track later training."""
-        bn = self.bn
-        if bn.running_mean is None or bn.running_var is None:
-            raise RuntimeError("fold: BatchNorm has no running statistics (track_running_stats=False)")
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [D]
-        w = self.proj.weight.flatten(1) * scale[:, None]  # [D, C]
-        b = bn.bias - bn.running_mean * scale
-        p = self.gamma * F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
+        w, b, p = self.folded_projection()
         return FoldedGridPrototypeHead(
             w, b, p, self.classifier.weight, self.classifier.bias, self.grid, self.feature_grid, self.max_size
         )

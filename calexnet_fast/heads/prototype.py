@@ -23,6 +23,7 @@ buffers (``FoldedPrototypeHead.operands()``) are what the fused Triton kernel
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,62 @@ def _check_features(
 _operand_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class FoldedPrototypeHead(nn.Module):
+class FoldedHead(nn.Module):
+    """What the folded (inference) heads share: five checked buffers, ``proj_weight`` [D, C], ``proj_bias`` [D],
+    ``prototypes`` [K, D], ``cls_weight`` [n_classes, width(C, K, D)], ``cls_bias`` [n_classes] (floating
+    tensors, copied; ``ValueError`` naming the first that does not fit), and the sizes they imply."""
+
+    def __init__(
+        self,
+        proj_weight: torch.Tensor,
+        proj_bias: torch.Tensor,
+        prototypes: torch.Tensor,
+        cls_weight: torch.Tensor,
+        cls_bias: torch.Tensor,
+        width: Callable[[int, int, int], int],
+    ) -> None:
+        super().__init__()
+        buffers = {"proj_weight": proj_weight, "proj_bias": proj_bias, "prototypes": prototypes}
+        buffers.update(cls_weight=cls_weight, cls_bias=cls_bias)
+        for name, t in buffers.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a floating torch.Tensor, got {got}")
+        for name, t in [("proj_weight", proj_weight), ("prototypes", prototypes), ("cls_weight", cls_weight)]:
+            if t.dim() != 2:
+                raise ValueError(f"{name}: expected a 2-D tensor, got shape {list(t.shape)}")
+        d, c = proj_weight.shape
+        k = prototypes.shape[0]
+        checks = [
+            ("proj_bias", proj_bias, [d]),
+            ("prototypes", prototypes, [k, d]),
+            ("cls_weight", cls_weight, [cls_weight.shape[0], width(c, k, d)]),
+            ("cls_bias", cls_bias, [cls_weight.shape[0]]),
+        ]
+        for name, t, shape in checks:
+            if list(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
+        for name, t in buffers.items():
+            self.register_buffer(name, t.detach().clone())
+
+    @property
+    def in_channels(self) -> int:
+        return self.proj_weight.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.proj_weight.shape[0]
+
+    @property
+    def n_prototypes(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.cls_weight.shape[0]
+
+
+class FoldedPrototypeHead(FoldedHead):
     """Inference form of ``PrototypePoolingHead`` (what the fused kernel consumes).
 
     Buffers:
@@ -82,48 +138,7 @@ class FoldedPrototypeHead(nn.Module):
         cls_weight: torch.Tensor,
         cls_bias: torch.Tensor,
     ) -> None:
-        super().__init__()
-        buffers = {"proj_weight": proj_weight, "proj_bias": proj_bias, "prototypes": prototypes}
-        buffers.update(cls_weight=cls_weight, cls_bias=cls_bias)
-        for name, t in buffers.items():
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name}: expected a floating torch.Tensor, got {got}")
-        for name, t in [("proj_weight", proj_weight), ("prototypes", prototypes), ("cls_weight", cls_weight)]:
-            if t.dim() != 2:
-                raise ValueError(f"{name}: expected a 2-D tensor, got shape {list(t.shape)}")
-        d, c = proj_weight.shape
-        k = prototypes.shape[0]
-        checks = [
-            ("proj_bias", proj_bias, [d]),
-            ("prototypes", prototypes, [k, d]),
-            ("cls_weight", cls_weight, [cls_weight.shape[0], 2 * k + d]),
-            ("cls_bias", cls_bias, [cls_weight.shape[0]]),
-        ]
-        for name, t, shape in checks:
-            if list(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
-        self.register_buffer("proj_weight", proj_weight.detach().clone())
-        self.register_buffer("proj_bias", proj_bias.detach().clone())
-        self.register_buffer("prototypes", prototypes.detach().clone())
-        self.register_buffer("cls_weight", cls_weight.detach().clone())
-        self.register_buffer("cls_bias", cls_bias.detach().clone())
-
-    @property
-    def in_channels(self) -> int:
-        return self.proj_weight.shape[1]
-
-    @property
-    def dim(self) -> int:
-        return self.proj_weight.shape[0]
-
-    @property
-    def n_prototypes(self) -> int:
-        return self.prototypes.shape[0]
-
-    @property
-    def n_classes(self) -> int:
-        return self.cls_weight.shape[0]
+        super().__init__(proj_weight, proj_bias, prototypes, cls_weight, cls_bias, lambda c, k, d: 2 * k + d)
 
     def operands(self, dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[torch.Tensor, ...]:
         """The buffers in the fused kernel's argument order ``(proj_weight, proj_bias, prototypes, cls_weight,
@@ -162,7 +177,54 @@ class FoldedPrototypeHead(nn.Module):
         )
 
 
-class PrototypePoolingHead(nn.Module):
+def check_positive_ints(**sizes: object) -> None:
+    """Raise ``ValueError`` naming the first size that is not a positive int."""
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+
+class PrototypeProjection(nn.Module):
+    """What the trainable prototype heads share: the projection ``u = ReLU(BN(Conv1x1_{C->D}(x)))``, K
+    prototypes with the similarity scale gamma, the similarity map ``s = gamma * cos(u, P)`` and the fold of
+    BN into the projection. A head adds its pooling and ``self.classifier`` (created after these, so the
+    state-dict order is ``proj, bn, prototypes, gamma, classifier``)."""
+
+    def __init__(self, in_channels: int, n_classes: int, dim: int, n_prototypes: int, gamma_init: float) -> None:
+        super().__init__()
+        check_positive_ints(in_channels=in_channels, n_classes=n_classes, dim=dim, n_prototypes=n_prototypes)
+        self.in_channels = in_channels
+        self.eps = COSINE_EPS  # an attribute, not a global, so the head can be scripted
+        self.n_classes = n_classes
+        self.dim = dim
+        self.n_prototypes = n_prototypes
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))
+        self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
+
+    def similarity(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, C, h, w] -> the projection ``u`` [N, D, h, w] and the similarity map ``s`` [N, K, h, w]."""
+        u = torch.relu(self.bn(self.proj(x)))
+        un = F.normalize(u, dim=1, eps=cosine_eps(u.dtype, self.eps))
+        pn = F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
+        return u, self.gamma * torch.einsum("ndhw,kd->nkhw", un, pn)
+
+    @torch.no_grad()
+    def folded_projection(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BN (running statistics) folded into the projection: weight [D, C], bias [D], and the prototypes
+        normalised and scaled by gamma [K, D]."""
+        bn = self.bn
+        if bn.running_mean is None or bn.running_var is None:
+            raise RuntimeError("fold: BatchNorm has no running statistics (track_running_stats=False)")
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [D]
+        w = self.proj.weight.flatten(1) * scale[:, None]  # [D, C]
+        b = bn.bias - bn.running_mean * scale
+        p = self.gamma * F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
+        return w, b, p
+
+
+class PrototypePoolingHead(PrototypeProjection):
     """The augmented prototype-pooling head (docs/design.md §1, steps 1-5).
 
     Args:
@@ -185,21 +247,7 @@ class PrototypePoolingHead(nn.Module):
         n_prototypes: int = 32,
         gamma_init: float = 10.0,
     ) -> None:
-        super().__init__()
-        for name, v in [("in_channels", in_channels), ("n_classes", n_classes), ("dim", dim)]:
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if not isinstance(n_prototypes, int) or n_prototypes < 1:
-            raise ValueError(f"n_prototypes: expected a positive int, got {n_prototypes!r}")
-        self.in_channels = in_channels
-        self.eps = COSINE_EPS  # an attribute, not a global, so the head can be scripted
-        self.n_classes = n_classes
-        self.dim = dim
-        self.n_prototypes = n_prototypes
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(dim)
-        self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))
-        self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
+        super().__init__(in_channels, n_classes, dim, n_prototypes, gamma_init)
         self.classifier = nn.Linear(2 * n_prototypes + dim, n_classes)
 
     @property
@@ -211,10 +259,8 @@ class PrototypePoolingHead(nn.Module):
         """[N, C, H, W] -> [N, 2K + D] pooled features ``[max s (K), mean s (K), avg u (D)]``."""
         if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
             _check_features(features, self.in_channels, self.proj.weight.device, self.proj.weight.dtype)
-        u = torch.relu(self.bn(self.proj(features)))  # [N, D, H, W]
-        un = F.normalize(u, dim=1, eps=cosine_eps(u.dtype, self.eps))
-        pn = F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
-        s = self.gamma * torch.einsum("ndhw,kd->nkhw", un, pn).flatten(2)  # [N, K, HW]
+        u, s = self.similarity(features)  # [N, D, H, W], [N, K, H, W]
+        s = s.flatten(2)
         return torch.cat([s.amax(dim=2), s.mean(dim=2), u.flatten(2).mean(dim=2)], dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -224,13 +270,7 @@ class PrototypePoolingHead(nn.Module):
     def fold(self) -> FoldedPrototypeHead:
         """The inference form: BN (running statistics) folded into the projection, prototypes normalised and
         scaled by gamma. Equals ``self.eval()(f)`` up to float rounding; it does not track later training."""
-        bn = self.bn
-        if bn.running_mean is None or bn.running_var is None:
-            raise RuntimeError("fold: BatchNorm has no running statistics (track_running_stats=False)")
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [D]
-        w = self.proj.weight.flatten(1) * scale[:, None]  # [D, C]
-        b = bn.bias - bn.running_mean * scale
-        p = self.gamma * F.normalize(self.prototypes, dim=1, eps=cosine_eps(self.prototypes.dtype, self.eps))
+        w, b, p = self.folded_projection()
         return FoldedPrototypeHead(w, b, p, self.classifier.weight, self.classifier.bias)
 
     def extra_repr(self) -> str:
