@@ -135,15 +135,16 @@ def random_tensor():
 
 @pytest.fixture
 def make_head():
-    """``make_head(c, n_classes, dim=128, k=32, seed=0)``: a ``PrototypePoolingHead`` in eval mode whose BN
-    running statistics and affine parameters are far from identity (so folding is non-trivial), gamma = 7.5,
-    and classifier weights scaled by 4 (clear argmax margins). Deterministic in ``seed``."""
+    """``make_head(c, n_classes, dim=128, k=32, seed=0, cls=PrototypePoolingHead, **kwargs)``: a head of class
+    ``cls`` (extra constructor arguments in ``kwargs``) in eval mode whose BN running statistics and affine
+    parameters are far from identity (so folding is non-trivial), gamma = 7.5, and classifier weights scaled by
+    4 (clear argmax margins). Deterministic in ``seed``."""
     from calexnet_fast.heads import PrototypePoolingHead
 
-    def make(c: int, n_classes: int, dim: int = 128, k: int = 32, seed: int = 0):
+    def make(c: int, n_classes: int, dim: int = 128, k: int = 32, seed: int = 0, cls=PrototypePoolingHead, **kwargs):
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        head = PrototypePoolingHead(c, n_classes, dim=dim, n_prototypes=k)
+        head = cls(c, n_classes, dim=dim, n_prototypes=k, **kwargs)
         with torch.no_grad():
             head.bn.weight.uniform_(0.5, 2.0, generator=g)
             head.bn.bias.uniform_(-0.5, 0.5, generator=g)

@@ -22,20 +22,16 @@ from calexnet_fast.training import FitConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _head(c, n_classes=5, dim=16, k=6, grid=2, feature_grid=4, max_size=8, seed=0) -> GridPrototypeHead:
-    """A trained-looking head: non-trivial BN statistics and affine, gamma 7.5, eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = GridPrototypeHead(c, n_classes, dim, k, grid=grid, feature_grid=feature_grid, max_size=max_size)
-    with torch.no_grad():
-        head.bn.weight.uniform_(0.5, 2.0, generator=g)
-        head.bn.bias.uniform_(-0.5, 0.5, generator=g)
-        head.gamma.fill_(7.5)
-        head.classifier.weight.mul_(4.0)
-        head.train()
-        for _ in range(3):
-            head(torch.randn(8, c, 6, 6, generator=g) * 3.0 + 1.5)
-    return head.eval()
+@pytest.fixture
+def grid_head(make_head):
+    """``grid_head(c, n_classes=5, dim=16, k=6, grid=2, feature_grid=4, max_size=8, seed=0)``: a trained-looking
+    ``GridPrototypeHead`` (conftest's ``make_head``)."""
+
+    def make(c, n_classes=5, dim=16, k=6, grid=2, feature_grid=4, max_size=8, seed=0) -> GridPrototypeHead:
+        kw = dict(grid=grid, feature_grid=feature_grid, max_size=max_size)
+        return make_head(c, n_classes, dim, k, seed, cls=GridPrototypeHead, **kw)
+
+    return make
 
 
 def _naive(head: GridPrototypeHead, f: torch.Tensor) -> torch.Tensor:
@@ -63,8 +59,8 @@ def _naive(head: GridPrototypeHead, f: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("c,h", [(16, 32), (32, 16), (64, 8)])
-def test_module_matches_definition(c, h):
-    head = _head(c, n_classes=10, dim=12, k=5)
+def test_module_matches_definition(c, h, grid_head):
+    head = grid_head(c, n_classes=10, dim=12, k=5)
     f = torch.randn(3, c, h, h)
     with torch.no_grad():
         torch.testing.assert_close(head(f), _naive(head, f), rtol=1e-5, atol=1e-5)
@@ -80,8 +76,8 @@ def test_module_matches_definition(c, h):
         (4, 2, 8, 1, 2, 4, 8, 1, 3),  # a map smaller than the grids
     ],
 )
-def test_module_equals_folded_equals_reference(c, n_classes, dim, k, grid, fgrid, size, h, w):
-    head = _head(c, n_classes, dim, k, grid, fgrid, size)
+def test_module_equals_folded_equals_reference(c, n_classes, dim, k, grid, fgrid, size, h, w, grid_head):
+    head = grid_head(c, n_classes, dim, k, grid, fgrid, size)
     folded = head.fold()
     f = torch.randn(5, c, h, w) * 2.0 + 0.5
     with torch.no_grad():
@@ -100,8 +96,8 @@ def test_module_equals_folded_equals_reference(c, n_classes, dim, k, grid, fgrid
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_twice_pytorchs_own_error(dtype):
-    head = _head(32, n_classes=10, dim=64, k=32)
+def test_low_precision_within_twice_pytorchs_own_error(dtype, grid_head):
+    head = grid_head(32, n_classes=10, dim=64, k=32)
     folded = head.fold()
     f = torch.randn(16, 32, 16, 16)
     with torch.no_grad():
@@ -131,8 +127,8 @@ def test_zero_projection_gives_zero_similarity_not_nan(dtype):
         assert not pooled[:, :16].any()
 
 
-def test_fold_buffers_and_torchscript():
-    head = _head(20, n_classes=7, dim=32, k=4, grid=2, feature_grid=3, max_size=6)
+def test_fold_buffers_and_torchscript(grid_head):
+    head = grid_head(20, n_classes=7, dim=32, k=4, grid=2, feature_grid=3, max_size=6)
     folded = head.fold()
     assert isinstance(folded, FoldedGridPrototypeHead) and list(folded.parameters()) == []
     shapes = {name: list(b.shape) for name, b in folded.named_buffers()}
@@ -160,16 +156,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_bad_arguments_are_named():
-    head = GridPrototypeHead(16, 4, dim=8, n_prototypes=2)
-    for module in (head, head.fold()):
-        with pytest.raises(ValueError, match=r"features: expected a 4-D tensor \[N, C, H, W\], got shape \[2, 16\]"):
-            module(torch.randn(2, 16))
-        with pytest.raises(ValueError, match=r"features: expected 16 channels \(dim 1\), got 15"):
-            module(torch.randn(2, 15, 3, 3))
-        with pytest.raises(ValueError, match="non-empty spatial size"):
-            module(torch.randn(2, 16, 0, 3))
-    with pytest.raises(ValueError, match="features: expected dtype torch.float32"):
-        head(torch.randn(2, 16, 3, 3, dtype=torch.float64))
+    """(Bad features: tests/test_heads.py, for every head.)"""
     for kwargs, msg in [
         (dict(in_channels=0), "in_channels: expected a positive int, got 0"),
         (dict(n_prototypes=0), "n_prototypes: expected a positive int, got 0"),
@@ -199,17 +186,17 @@ def test_default_head_costs_at_most_half_a_percent_of_resnet56_per_branch():
         assert 0 < flops <= 0.005 * backbone, (k, flops / backbone)
 
 
-def _cascade_pair(seed: int = 0):
+def _cascade_pair(grid_head, seed: int = 0):
     torch.manual_seed(seed)
     bb = cifar_resnet(20, placement="flops", n_branches=3)
-    heads = [_head(c, 10, dim=16, k=8, seed=seed + i) for i, c in enumerate(bb.branch_channels)]
+    heads = [grid_head(c, 10, dim=16, k=8, seed=seed + i) for i, c in enumerate(bb.branch_channels)]
     ref = ReferenceCascade(bb, heads)
     return ref, Cascade.from_reference(ref)
 
 
 @pytest.mark.parametrize("quantile", [0.0, 0.4, 0.8])
-def test_cascade_matches_reference_cascade(quantile, device):
-    ref, fast = _cascade_pair()
+def test_cascade_matches_reference_cascade(quantile, device, grid_head):
+    ref, fast = _cascade_pair(grid_head)
     ref.to(device)
     x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
     conf = torch.softmax(ref.simulate(x).branch_logits.float(), dim=2).amax(dim=2)  # [K, B]
@@ -228,7 +215,7 @@ def test_cascade_matches_reference_cascade(quantile, device):
     torch.testing.assert_close(c.logits, a.logits, rtol=1e-4, atol=1e-4)
 
 
-def test_recipe_selects_the_head_and_runs_save_and_load_it(tmp_path):
+def test_recipe_selects_the_head_and_runs_save_and_load_it(tmp_path, grid_head):
     assert Recipe().head == "prototype" and Recipe().head_dim == 128
     r = Recipe(head="grid")
     assert r.head_dim == 32 and Recipe.from_json(r.to_json()) == r
@@ -237,7 +224,7 @@ def test_recipe_selects_the_head_and_runs_save_and_load_it(tmp_path):
     assert make_head(16, 10, Recipe(head="grid", head_dim=24), seed=3).dim == 24
     with pytest.raises(ValueError, match=r"head: expected one of \('prototype', 'grid'\), got 'sdn'"):
         Recipe(head="sdn")
-    heads = [_head(8, 3, dim=8, k=2, grid=3, feature_grid=2, max_size=5).eval(), head.eval()]
+    heads = [grid_head(8, 3, dim=8, k=2, grid=3, feature_grid=2, max_size=5).eval(), head.eval()]
     save_heads(tmp_path / "h.safetensors", heads, {})
     loaded, _ = load_heads(tmp_path / "h.safetensors")
     f = [torch.randn(2, 8, 7, 7), torch.randn(2, 16, 12, 12)]
@@ -251,8 +238,8 @@ def test_recipe_selects_the_head_and_runs_save_and_load_it(tmp_path):
             torch.testing.assert_close(g(x), h(x), rtol=0, atol=0)
 
 
-def test_streaming_cascade_runs_the_grid_head_like_the_cascade():
-    ref, fast = _cascade_pair(seed=2)
+def test_streaming_cascade_runs_the_grid_head_like_the_cascade(grid_head):
+    ref, fast = _cascade_pair(grid_head, seed=2)
     xs = [torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n)) for n in (5, 11, 3)]
     conf = torch.softmax(ref.simulate(torch.cat(xs)).branch_logits.float(), dim=2).amax(dim=2)
     fast.set_thresholds(torch.quantile(conf, 0.5, dim=1, keepdim=True).repeat(1, 10) + 1e-4)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calexnet_fast.heads import FoldedPrototypeHead, PrototypePoolingHead
+from calexnet_fast.heads import FoldedPrototypeHead, GridPrototypeHead, PrototypePoolingHead
 from calexnet_fast.reference import folded_head_reference
 
 
@@ -139,10 +139,10 @@ def test_folded_reference_computes_in_input_dtype(dtype, make_head):
     assert out64.dtype == torch.float64
 
 
-def test_bad_inputs():
-    head = PrototypePoolingHead(16, 4, dim=8, n_prototypes=2)
-    folded = head.fold()
-    for module in (head, folded):
+@pytest.mark.parametrize("cls", [PrototypePoolingHead, GridPrototypeHead])
+def test_bad_features_are_named_by_every_head(cls):
+    head = cls(16, 4, dim=8, n_prototypes=2)
+    for module in (head, head.fold()):
         with pytest.raises(ValueError, match=r"features: expected a 4-D tensor \[N, C, H, W\], got shape \[2, 16\]"):
             module(torch.randn(2, 16))
         with pytest.raises(ValueError, match=r"features: expected 16 channels \(dim 1\), got 15"):
@@ -151,6 +151,11 @@ def test_bad_inputs():
             module(torch.randn(2, 16, 0, 3))
         with pytest.raises(ValueError, match="floating dtype"):
             module(torch.ones(2, 16, 3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="features: expected dtype torch.float32"):
+        head(torch.randn(2, 16, 3, 3, dtype=torch.float64))
+
+
+def test_bad_inputs():
     for kwargs, name in [
         (dict(in_channels=0, n_classes=3), "in_channels"),
         (dict(in_channels=4, n_classes=0), "n_classes"),
