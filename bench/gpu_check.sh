@@ -15,7 +15,7 @@
 #
 # Time plan, <= 8 minutes end to end: each step runs under `timeout` with the budget written next to it, cut to
 # what is left of GPU_CHECK_TOTAL_S (450 s); a step with under 10 s left is not started (SKIP, a failure). The
-# estimates next to each step add up to 433 s (7.2 min); how each was made is written there. Packing: < 1 s a step.
+# estimates next to each step add up to 450 s (7.5 min); how each was made is written there. Packing: < 1 s a step.
 #
 # Results in $OUT, at most 3 files: gpu_check.tar.gz (every step's full log, the JUnit XML of the test steps, the
 # benchmarks' JSON, the summary; re-packed after every step, so a run cut short from outside keeps what it did),
@@ -142,10 +142,10 @@ step env 20 5 0 \
    print(torch.cuda.get_device_name())\"" \
   "'$PY' -c \"$versions\""
 
-# 2. Build and install with the CUDA op library. Estimate 60 s: a clean build of both libraries (CMake configure,
+# 2. Build and install with the CUDA op library. Estimate 45 s: a clean build of both libraries (CMake configure,
 # ops_cpu.cpp and ops_cuda.cu with cub for sm_90, compiled in parallel) took 30 s on the 2 shared cores of the CPU
 # machine (.ci/compile_check.sh), plus ~10 s for pip's wheel and install; the GPU machine has 16 cores.
-step build 120 60 0 \
+step build 120 45 0 \
   "cd '$repo' && CALEXNET_CUDA=ON '$PY' -m pip install -v --no-build-isolation --no-deps --force-reinstall ." \
   "cd '$repo' && test -f pyproject.toml && grep -q CALEXNET_CUDA CMakeLists.txt && '$PY' -m pip --version"
 
@@ -153,17 +153,19 @@ step build 120 60 0 \
 step info 20 8 1 "cd '$work/run' && '$PY' -m calexnet_fast.info" "cd '$work/run' && '$PY' -m calexnet_fast.info"
 
 # 4. Self-check: the CUDA op library is loaded and dispatched to, Triton runs natively (CALEXNET_REQUIRE_GPU=1 makes
-# a missing GPU a failure). Estimate 25 s: pytest start and imports ~10 s, two Triton JIT compiles ~5 s each.
-step selfcheck 45 25 1 "$(pytest_cmd selfcheck "'$repo/tests/test_cuda_selfcheck.py'")" \
+# a missing GPU a failure). Estimate 20 s: pytest start and imports ~10 s, two Triton JIT compiles ~5 s each.
+step selfcheck 45 20 1 "$(pytest_cmd selfcheck "'$repo/tests/test_cuda_selfcheck.py'")" \
   "$(pytest_cmd selfcheck "'$repo/tests/test_cuda_selfcheck.py'" --collect-only -q)"
 
 # 5. Every CUDA test and Triton-kernel test (markers needs_cuda and kernel; the CPU-only tests run in CI). Estimate
-# 120 s: ~140 tests, mostly milliseconds each on the GPU; the time goes to collecting every test module (~15 s)
+# 145 s: ~160 tests, mostly milliseconds each on the GPU; the time goes to collecting every test module (~15 s)
 # and JIT-compiling ~25 Triton kernel variants (~2-4 s each; the same kernels compile in 1-4 s for sm_90a on the
-# CPU machine, bench/proto_head.py --sass) and the tiny cascades' kernels.
+# CPU machine, bench/proto_head.py --sass) and the tiny cascades' kernels, plus ~13 variants of the grid-head
+# kernel (tests/test_grid_head_kernel.py; ~1.3 s each for sm_90a on the CPU machine, bench/grid_head.py --sass,
+# so ~2 s here: +25 s).
 # A test module that fails to import fails the step but does not stop the others (--continue-on-collection-errors).
 cuda_selection="'$repo/tests' -m 'needs_cuda or kernel' --continue-on-collection-errors"
-step cuda_tests 170 120 1 "$(pytest_cmd cuda_tests "$cuda_selection")" \
+step cuda_tests 190 145 1 "$(pytest_cmd cuda_tests "$cuda_selection")" \
   "$(pytest_cmd cuda_tests "$cuda_selection" --collect-only -q)"
 
 # 6. Benchmarks, --quick. Estimates from what each times (do_bench: 25 ms warm-up + 100 ms per measurement) plus
@@ -176,6 +178,9 @@ bench scatter_rows 30 20 ""
 bench exit_decision 60 40 ""
 # proto_head: 4 feature-map shapes x (fused, eager, torch.compile) at N = 256 -> 90 s (4 compiles dominate).
 bench proto_head 110 90 ""
+# grid_head: the fused grid-head kernel vs the folded head + exit_decision on 2 ResNet-56 branch maps at N = 256
+# (--quick: no torch.compile) -> 12 s (~8 s of imports, 2 JIT compiles ~2 s each, do_bench ~1 s).
+bench grid_head 30 12 ""
 # throughput: ResNet-18 at 224x224, batch 256, bf16, 2 exit profiles, 5 rounds; the micro-benchmarks are the steps
 # above (--no-kernels) -> 45 s (threshold bisection and 3 heads' kernel compiles included).
 bench throughput 80 45 "--no-kernels"

@@ -164,3 +164,36 @@ def kernel_result(script: str, argv: list[str] | None, device, how: str, fused_o
         "command": " ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]),
         **tables,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --sass: compile a fused kernel for a GPU target without a GPU.
+
+_PTR = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.bool: "i1", torch.int64: "i64"}
+
+
+def compile_for_target(fn, args, kwargs, arch: int):
+    """triton.compile the @triton.jit kernel ``fn`` for sm_<arch> with the arguments of a real launch (the JIT's
+    specialisation: unit ints become constants, 16-divisible ints and pointers get divisibility hints)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    names = fn.arg_names
+    consts = {k: v for k, v in kwargs.items() if k in names}
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    sig, attrs = {}, {}
+    for i, (name, a) in enumerate(zip(names, args, strict=False)):
+        if isinstance(a, torch.Tensor):
+            sig[name] = "*" + _PTR[a.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, bool) or (isinstance(a, int) and a == 1):
+            consts[name] = a
+        elif isinstance(a, int):
+            sig[name] = "i32"
+            if a % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+    sig.update({name: "constexpr" for name in consts})
+    src = triton.compiler.ASTSource(fn=fn, signature={n: sig[n] for n in names}, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

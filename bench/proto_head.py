@@ -31,7 +31,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
-from kernel_timing import bench_parser, cell, compile_static, kernel_result, kernel_row, timer_and_bandwidth  # noqa: E402
+from kernel_timing import (  # noqa: E402
+    bench_parser,
+    cell,
+    compile_for_target,
+    compile_static,
+    kernel_result,
+    kernel_row,
+    timer_and_bandwidth,
+)
 
 from calexnet_fast.evaluation.timing import environment  # noqa: E402
 from calexnet_fast.exit_rule import exit_decision_reference  # noqa: E402
@@ -148,38 +156,6 @@ def print_table(head_rows, fused_ok) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # --sass: compile the fused kernel for a GPU target without a GPU and look at the machine code.
 
-_PTR = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.bool: "i1", torch.int64: "i64"}
-
-
-def _compile_for_target(args, kwargs, arch: int):
-    """triton.compile the fused kernel with the arguments of a real launch (same specialisation as the JIT
-    would do: unit ints become constants, 16-divisible ints and pointers get divisibility hints)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from calexnet_fast.kernels import _proto_head_kernel
-
-    fn = _proto_head_kernel.proto_head_exit_kernel
-    names = fn.arg_names
-    consts = {k: v for k, v in kwargs.items() if k in names}
-    options = {k: v for k, v in kwargs.items() if k not in names}
-    sig, attrs = {}, {}
-    for i, (name, a) in enumerate(zip(names, args, strict=False)):
-        if isinstance(a, torch.Tensor):
-            sig[name] = "*" + _PTR[a.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, bool) or (isinstance(a, int) and a == 1):
-            consts[name] = a
-        elif isinstance(a, int):
-            sig[name] = "i32"
-            if a % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, float):
-            sig[name] = "fp32"
-    sig.update({name: "constexpr" for name in consts})
-    src = triton.compiler.ASTSource(fn=fn, signature={n: sig[n] for n in names}, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-
 
 def _sass_loops(cubin: Path, nvdisasm: str) -> list[tuple[int, int, int]]:
     """(first, last, n_instructions) of every loop (a backward branch) in the SASS, in address order."""
@@ -216,6 +192,7 @@ def sass_report(args) -> list[dict]:
 
     import triton
 
+    from calexnet_fast.kernels import _proto_head_kernel
     from calexnet_fast.kernels.proto_head import _kernel_arguments
 
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -228,7 +205,7 @@ def sass_report(args) -> list[dict]:
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         kargs, kwargs, _ = _kernel_arguments(x, *folded.operands(), torch.zeros(args.classes))
-        ck = _compile_for_target(kargs, kwargs, args.sass_arch)
+        ck = compile_for_target(_proto_head_kernel.proto_head_exit_kernel, kargs, kwargs, args.sass_arch)
         with tempfile.TemporaryDirectory() as tmp:
             ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
             ptx.write_text(ck.asm["ptx"])

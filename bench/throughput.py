@@ -2,10 +2,12 @@
 
     python bench/throughput.py [--quick] [--device cpu|cuda] [--model resnet18,resnet50] [--resolution R]
                                [--batch-size B] [--dtype float32|bfloat16|float16] [--[no-]fold] [--compile]
-                               [--stream-batches N] [--threads T] [--json PATH] [--plot PATH]
+                               [--stream-batches N] [--threads T] [--head grid|prototype] [--json PATH]
+                               [--plot PATH]
 
 Runs on a fresh machine with no data and no GPU: the backbones are torchvision ResNet-18 / ResNet-50
-(random weights, ImageNet stem) with three prototype-pooling heads at layer1..layer3 (random weights), and
+(random weights, ImageNet stem) with three branch heads at layer1..layer3 (random weights; ``--head``: the
+grid prototype-pooling head, the default, or the global one), and
 the thresholds are set to give controlled exit profiles: every branch lets the same fraction q of its
 survivors exit, with q found by bisection so that the cascade's FLOPs reduction r (per-sample FLOPs from
 ``calexnet_fast.flops``, a failed head still paid for) hits each target. Thresholds are fit on the
@@ -55,14 +57,15 @@ from calexnet_fast.evaluation.measure_session import DTYPES  # noqa: E402
 from calexnet_fast.evaluation.speed import stage_times, time_ideal  # noqa: E402
 from calexnet_fast.evaluation.timing import environment, interleaved_medians  # noqa: E402
 from calexnet_fast.flops import exit_histogram, flops_reduction, profile_flops  # noqa: E402
-from calexnet_fast.heads import PrototypePoolingHead  # noqa: E402
+from calexnet_fast.heads import HEADS, make_branch_head  # noqa: E402
 
 
-def build(model: str, resolution: int, n_classes: int, seed: int) -> tuple[ReferenceCascade, object]:
-    """A frozen staged torchvision ResNet with three random prototype-pooling heads, and its FLOPs profile."""
+def build(model: str, resolution: int, n_classes: int, seed: int, head: str) -> tuple[ReferenceCascade, object]:
+    """A frozen staged torchvision ResNet with three random branch heads of kind ``head`` (default D, K), and
+    its FLOPs profile."""
     torch.manual_seed(seed)
     backbone = getattr(backbones, model)(n_classes, input_size=resolution)
-    heads = [PrototypePoolingHead(c, n_classes).eval() for c in backbone.branch_channels]
+    heads = [make_branch_head(head, c, n_classes).eval() for c in backbone.branch_channels]
     return ReferenceCascade(backbone, heads), profile_flops(backbone, heads, resolution)
 
 
@@ -115,7 +118,7 @@ def profile_thresholds(ref: ReferenceCascade, profile, x: torch.Tensor, target: 
 
 def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
     t_model = time.perf_counter()
-    ref, profile = build(model, args.resolution, args.classes, seed=0)
+    ref, profile = build(model, args.resolution, args.classes, seed=0, head=args.head)
     ref = ref.to(device=device, dtype=dtype)
     if args.channels_last:
         ref = ref.to(memory_format=torch.channels_last)
@@ -284,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="channels_last inputs and backbone (default on for CUDA)",
     )
     parser.add_argument("--classes", type=int, default=None, help="default 10 at resolution <= 64, else 1000")
+    parser.add_argument("--head", choices=tuple(HEADS), default="grid", help="branch heads (default grid)")
     parser.add_argument(
         "--profiles",
         default=None,
@@ -343,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": str(dtype),
             "channels_last": args.channels_last,
             "classes": args.classes,
+            "head": args.head,
             "repeats": args.repeats,
             "stream_batches": args.stream_batches,
             "fold_batchnorm": args.fold,

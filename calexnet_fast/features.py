@@ -28,6 +28,7 @@ from torch import nn
 
 from .distributed import barrier, default_device, dist_info
 from .io import ST_DTYPES, Bf16, SafetensorsWriter, memmap_safetensors, read_safetensors_header, verify_safetensors
+from .reference import working_map
 
 __all__ = [
     "FeatureCache",
@@ -165,6 +166,14 @@ class FeatureCache:
         z = self.backbone_logits
         return z.float() if isinstance(z, torch.Tensor) else torch.from_numpy(np.array(z)).float()
 
+    def subset(self, idx: torch.Tensor) -> FeatureCache:
+        """An in-memory cache of the rows ``idx`` (int64), in that order."""
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        feats = [self._take(f, idx) for f in self.features]
+        return FeatureCache(
+            feats, self._take(self.backbone_logits, idx).float(), self._take(self.labels, idx).long(), self.meta
+        )
+
     def to_memory(self) -> FeatureCache:
         """A copy with every array read into memory."""
         idx = torch.arange(len(self))
@@ -252,6 +261,7 @@ def _run_backbone(
     *,
     device: torch.device,
     dtype: torch.dtype | None,
+    pool: int | None = None,
     keep: bool,
     path: Path | None,
     meta: dict,
@@ -259,7 +269,8 @@ def _run_backbone(
     desc: str,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None:
     """The one backbone pass behind every cache: ``n`` rows from ``batches`` of ``(images, labels)``,
-    features in ``dtype`` (``None``: the backbone's), kept in memory (``keep``) and/or streamed to ``path``."""
+    features in ``dtype`` (``None``: the backbone's), average-pooled to at most ``pool`` x ``pool`` when given
+    (:func:`~calexnet_fast.reference.working_map`), kept in memory (``keep``) and/or streamed to ``path``."""
     from tqdm.auto import tqdm
 
     if n == 0:
@@ -272,6 +283,8 @@ def _run_backbone(
         with torch.inference_mode():
             for x, y in batches:
                 feats, logits = backbone.features(x.to(device, non_blocking=True))
+                if pool is not None:
+                    feats = [working_map(f, pool) for f in feats]
                 feats = [f.to(dtype) if dtype is not None else f for f in feats]
                 z = logits.float().cpu()
                 yy = torch.as_tensor(y, dtype=torch.int64)
@@ -321,6 +334,7 @@ def build_feature_cache(
     *,
     batch_size: int = 256,
     dtype: torch.dtype = torch.float16,
+    pool: int | None = None,
     device: torch.device | str | None = None,
     storage: str = "memory",
     path: str | os.PathLike | None = None,
@@ -338,6 +352,10 @@ def build_feature_cache(
         batch_size: images per backbone forward.
         dtype: storage dtype of the features (float16 default; float32 or bfloat16 also allowed). The
             backbone logits are always stored in float32.
+        pool: store each branch map average-pooled to at most ``pool`` x ``pool``
+            (:func:`~calexnet_fast.reference.working_map`): the cache then holds exactly what heads that
+            start with that pooling read (the grid head, and SDN / PTEEnet heads given ``max_size``), at a
+            fraction of the size. ``None``: the full maps.
         device: where the backbone runs (default: GPU if any).
         storage: ``"memory"`` or ``"disk"`` (memory-mapped file; needs ``path``).
         path: a ``.safetensors`` file: reused when it exists, was built from the same backbone weights,
@@ -360,6 +378,8 @@ def build_feature_cache(
         raise ValueError("path: expected a file path with storage='disk', got None")
     if dtype not in (torch.float16, torch.float32, torch.bfloat16):
         raise ValueError(f"dtype: expected torch.float16, torch.float32 or torch.bfloat16, got {dtype}")
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+        raise ValueError(f"pool: expected None or a positive int (pooled map side), got {pool!r}")
     if getattr(dataset, "augment", False) and hasattr(dataset, "with_options"):
         dataset = dataset.with_options(augment=False)
     fingerprint = {
@@ -369,6 +389,7 @@ def build_feature_cache(
         "dataset": dataset_fingerprint(dataset),
         "n": len(dataset),
         "dtype": str(dtype).replace("torch.", ""),
+        "pool": pool,
     }
     full_meta = {**(meta or {}), **fingerprint}
     info = dist_info()
@@ -401,6 +422,7 @@ def build_feature_cache(
             len(dataset),
             device=device,
             dtype=dtype,
+            pool=pool,
             keep=storage == "memory",
             path=path,
             meta=full_meta,

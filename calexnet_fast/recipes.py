@@ -39,9 +39,9 @@ from .calibration import calibrate
 from .distributed import dist_info
 from .exit_rule import exit_decision_reference
 from .features import FeatureCache, head_logits
-from .heads import GridPrototypeHead, PrototypePoolingHead
+from .heads import DEFAULT_HEAD_DIMS, HEADS, make_branch_head
 from .io import load_state_file, save_state_file
-from .training import CachedBatch, CacheSource, FitConfig, fit
+from .training import CachedBatch, CacheSource, FitConfig, evaluate_loss, fit
 
 __all__ = [
     "RECIPE_NAMES",
@@ -60,8 +60,6 @@ __all__ = [
 WEIGHTINGS = ("none", "hard", "soft")
 CE_TARGETS = ("backbone", "labels")
 FIXES = ("weights", "kd", "aligned")
-HEADS = {"prototype": PrototypePoolingHead, "grid": GridPrototypeHead}  # Recipe.head -> branch head class
-DEFAULT_HEAD_DIMS = {"prototype": 128, "grid": 32}
 
 
 @dataclass
@@ -80,8 +78,8 @@ class Recipe:
         aligned: cascade-aligned CPM calibration (CalexNet) or each branch on the whole validation set.
         m_train: margin of the thresholds that define the training weights (0.2).
         margin_mode, min_support, bar_from: CPM options (see ``calexnet_fast.calibration``).
-        head: the branch head: ``"prototype"`` (``PrototypePoolingHead``, the default) or ``"grid"``
-            (``GridPrototypeHead``, similarities pooled per cell of a 2 x 2 grid).
+        head: the branch head: ``"grid"`` (``GridPrototypeHead``, similarities pooled per cell of a 2 x 2 grid;
+            the default) or ``"prototype"`` (``PrototypePoolingHead``, similarities pooled over the whole map).
         head_dim, n_prototypes: the head's D and K; ``head_dim=None`` (the default) takes the head's own
             default, 128 (``"prototype"``) or 32 (``"grid"``), and is resolved to it on construction
             (``dataclasses.replace(r, head=...)`` keeps ``r``'s resolved D: pass ``head_dim=None`` too).
@@ -100,7 +98,7 @@ class Recipe:
     margin_mode: str = "additive"
     min_support: int = 20
     bar_from: str = "subset"
-    head: str = "prototype"
+    head: str = "grid"
     head_dim: int | None = None
     n_prototypes: int = 32
 
@@ -297,7 +295,7 @@ def make_head(in_channels: int, n_classes: int, recipe: Recipe | None = None, se
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return HEADS[r.head](in_channels, n_classes, dim=r.head_dim, n_prototypes=r.n_prototypes)
+        return make_branch_head(r.head, in_channels, n_classes, dim=r.head_dim, n_prototypes=r.n_prototypes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,7 +382,9 @@ def train_branches(
 
     Args:
         train_cache: features of the training split (the heads learn from it).
-        val_cache: features of the validation split (only the ``m_train`` calibration reads it).
+        val_cache: features of the validation split: the ``m_train`` calibration reads it, and with
+            ``fit_config.patience`` > 0 each head stops early on its loss there (the recipe's loss without
+            survivor weights) and keeps its best epoch.
         recipe: the :class:`Recipe`.
         fit_config: optimisation settings for each head (``seed`` also seeds head ``k``'s initialisation
             as ``seed * 1000 + k``).
@@ -457,6 +457,13 @@ def train_branches(
                 def hook(epoch, record, _k=k):
                     return on_epoch_end(_k + 1, epoch, record)
 
+            validate = None
+            if fit_config.patience > 0:
+                val_source = CacheSource(val_cache, branches=[k])
+
+                def validate(model, _loss=loss_fn, _src=val_source):
+                    return evaluate_loss(model, _src, _loss, device=device)
+
             fr = fit(
                 head,
                 CacheSource(train_cache, weights, branches=[k]),
@@ -470,6 +477,7 @@ def train_branches(
                 run_config={**base, "branch": k + 1},
                 on_epoch_end=hook,
                 compile_model=compile_model,
+                validate=validate,
             )
             history = fr.history
             if final is not None and dist_info().is_main:  # one writer under torchrun

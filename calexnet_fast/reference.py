@@ -9,6 +9,8 @@ tested against, and what runs wherever a fast path cannot.
 - ``grid_head_reference(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, grid, feature_grid,
   max_size) -> logits``: the folded grid prototype-pooling head (``calexnet_fast.heads.FoldedGridPrototypeHead``);
   ``grid_pool`` / ``working_map`` its pooling.
+- ``grid_head_exit_reference(...) -> (logits, exit, pred, conf)``: twin of the fused kernel
+  ``calexnet_fast.kernels.grid_head_exit``: the folded grid head in float32, then the exit rule.
 - ``proto_head_exit_reference(...) -> (logits, exit, pred, conf)``: twin of the fused kernel
   ``calexnet_fast.kernels.proto_head_exit``: the folded head in float32, then the exit rule.
 - The exit rule's own twin, ``exit_decision_reference`` (of ``calexnet_fast.kernels.exit_decision``), is the
@@ -46,6 +48,7 @@ __all__ = [
     "cosine_eps",
     "elements_may_share_memory",
     "folded_head_reference",
+    "grid_head_exit_reference",
     "grid_head_reference",
     "working_map",
     "grid_pool",
@@ -350,7 +353,9 @@ def grid_head_reference(
     rows = x.permute(0, 2, 3, 1).reshape(n * hs * ws, c)  # a view
     u = torch.addmm(proj_bias.to(dt), rows, proj_weight.to(dt).t()).relu_()  # [N hw, D]
     norm = torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(cosine_eps(dt, eps))
-    s = (torch.mm(u, prototypes.to(dt).t()) / norm).reshape(n, hs, ws, -1).permute(0, 3, 1, 2)  # [N, K, h, w]
+    s = (
+        (torch.mm(u, prototypes.to(dt).t()) / norm).reshape(n, hs, ws, prototypes.shape[0]).permute(0, 3, 1, 2)
+    )  # [N, K, h, w]
     feats = torch.cat(
         [
             grid_pool(s, grid, grid, True).flatten(1),
@@ -361,3 +366,30 @@ def grid_head_reference(
         dim=1,
     )
     return F.linear(feats, cls_weight.to(dt), cls_bias.to(dt))
+
+
+def grid_head_exit_reference(
+    features: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+    grid: int = 2,
+    feature_grid: int = 4,
+    max_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch twin of the fused grid head + exit kernel: the folded grid head in float32, then the exit
+    rule.
+
+    Returns:
+        logits [N, n_classes] float32, exit [N] bool, pred [N] int64, conf [N] float32.
+    """
+    buffers = (proj_weight, proj_bias, prototypes, cls_weight, cls_bias)
+    if features.shape[0] == 0:  # an empty batch (the head's reshapes cannot infer a size from 0 rows)
+        logits = features.new_empty((0, cls_weight.shape[0]), dtype=torch.float32)
+    else:
+        logits = grid_head_reference(features.float(), *(b.float() for b in buffers), grid, feature_grid, max_size)
+    exit_, pred, conf = exit_decision_reference(logits, thresholds)
+    return logits, exit_, pred, conf

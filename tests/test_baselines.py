@@ -22,6 +22,7 @@ from calexnet_fast.baselines import (
 )
 from calexnet_fast.exit_rule import global_threshold_exit
 from calexnet_fast.features import FeatureCache
+from calexnet_fast.heads import PrototypePoolingHead
 from calexnet_fast.training import CachedBatch, FitConfig
 
 NAN = float("nan")
@@ -221,7 +222,7 @@ def test_baseline_head_flops_match_hand_counts():
     ztw = ZTW([8, 16], n)
     got = baselines.baseline_head_flops(ztw, shapes)
     assert got == [2 * (8 * 16) * n, 2 * (16 * 16 + n) * n]  # pooled 4x4 (+ previous logits), linear
-    boost = BoostNet([8, 16], n, head_dim=12, n_prototypes=3)
+    boost = BoostNet([8, 16], n, head_dim=12, n_prototypes=3, head=PrototypePoolingHead)
     got = baselines.baseline_head_flops(boost, shapes)
     for (c, h, w), g in zip(shapes, got):
         assert g == 2 * c * 12 * h * w + 2 * 12 * 3 * h * w + 2 * (2 * 3 + 12) * n
@@ -312,3 +313,19 @@ def test_bad_names_and_arguments():
         baselines.train_baseline("ztw", synthetic_cache(32, 0), FitConfig(epochs=1), segment_flops=[1.0, 2.0])
     with pytest.raises(ValueError, match="target"):
         BoostNet([4], 3, target="soft")
+
+
+def test_heads_with_max_size_read_the_pooled_map_first():
+    """ZTW's SDN head and PTEEnet's exit block given ``max_size`` equal themselves on the pooled map, so
+    they train exactly on a feature cache pooled the same way."""
+    from calexnet_fast.baselines import PTEEnetExit, ZTWHead
+    from calexnet_fast.reference import working_map
+
+    torch.manual_seed(0)
+    f = torch.randn(3, 8, 16, 16)
+    for head in (ZTWHead(8, 5, cascading=False, max_size=8), PTEEnetExit(8, 5, max_size=8).eval()):
+        a, b = head(f), head(working_map(f, 8))
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(ZTWHead(8, 5, cascading=False)(f), ZTWHead(8, 5, cascading=False, max_size=4)(f))
+    with pytest.raises(ValueError, match="max_size"):
+        ZTWHead(8, 5, cascading=False, max_size=0)

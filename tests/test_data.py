@@ -305,3 +305,13 @@ def test_real_cifar10_jpeg(shared_data):
     assert s.classes[:3] == ["airplane", "automobile", "bird"]
     assert torch.bincount(s.val.labels).tolist() == [500] * 10
     assert s.train.images.shape == (45000, 3, 32, 32)
+
+
+def test_with_flips_appends_the_mirrored_images():
+    ds = data.synthetic_dataset(12, 4, 4, n_classes=3, image_size=8, seed=0).train
+    both = ds.with_flips()
+    assert len(both) == 24 and torch.equal(both.labels, ds.labels.repeat(2))
+    assert torch.equal(both[13][0], ds[1][0].flip(-1)) and torch.equal(both[1][0], ds[1][0])
+    lazy = data.ImageDataset(torch.zeros(1, dtype=torch.int64), ["a"], paths=["x.jpg"])
+    with pytest.raises(ValueError, match="in-memory"):
+        lazy.with_flips()

@@ -26,6 +26,7 @@ from calexnet_fast.evaluation import (
     sweep_global_threshold,
     threshold_grid,
 )
+from calexnet_fast.evaluation.pareto import reduction_at_accuracy
 from calexnet_fast.flops import FlopsProfile
 from calexnet_fast.io import json_safe, write_json
 
@@ -301,3 +302,40 @@ def test_compare_cpm_with_sdn_heads(tmp_path):
     assert res["config"]["cpm_head"] == "sdn"
     channels = [16, 32, 64]  # cifar_resnet20 at layer1.x, layer2.x, layer3.x: pooled 4x4 -> linear to 4 classes
     assert res["sweeps"]["reference"][0]["info"]["head_flops"] == [2 * c * 16 * 4 for c in channels]
+
+
+def test_reduction_at_accuracy_by_hand():
+    ex, ey = np.array([0.1, 0.4, 0.6]), np.array([0.90, 0.88, 0.80])
+    assert reduction_at_accuracy(ex, ey, 0.89) == pytest.approx(0.25)  # halfway from 0.1 to 0.4
+    assert reduction_at_accuracy(ex, ey, 0.88) == pytest.approx(0.4)
+    assert reduction_at_accuracy(ex, ey, 0.70) == pytest.approx(0.6)  # the envelope's end
+    assert reduction_at_accuracy(ex, ey, 0.95) == 0.0  # nothing reaches it: the backbone alone
+
+
+def test_compare_full_budget_protocol(tmp_path):
+    """Test-half calibration (disjoint stratified halves), flips, a pooled cache, early stopping, a CPM
+    method with another head, per-exit accuracies and the reduction at <= 1 / 2 points of loss."""
+    argv = [
+        "compare", "--dataset", "synthetic", "--synthetic-size", "120", "80", "80", "--synthetic-classes", "4",
+        "--image-size", "16", "--backbone", "cifar_resnet20", "--random-init", "--n-branches", "3",
+        "--seeds", "0", "--epochs", "3", "--patience", "1", "--batch-size", "64", "--min-support", "5",
+        "--margins", "0:1:11", "--quiet", "--threads", "1", "--flip", "--cache-pool", "4",
+        "--methods", "calexnet,calexnet:sdn,ztw,boostnet,pteenet", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["protocol"] == {
+        "calibration": "test-half", "calibration_seed": 0, "n_calibration": 40, "n_reported": 40,
+    }  # fmt: skip
+    assert res["config"]["dataset"]["flip"] and res["config"]["cache"]["pool"] == 4
+    for m in ("calexnet", "calexnet:sdn", "ztw", "boostnet", "pteenet"):
+        s = res["summary"][m]
+        assert len(s["exit_accuracy"]) == 3 and set(s["reduction_at_loss"]) == {"0.01", "0.02"}
+    assert res["sweeps"]["calexnet:sdn"][0]["info"]["heads_trained_as"] == "calexnet_sdn"
+    table = (tmp_path / "table.md").read_text()
+    assert "| exit 1 acc | exit 2 acc | exit 3 acc | reduction @ ≤ 1 pt loss |" in table and "| pteenet |" in table
+    head = json.loads((tmp_path / "work" / "runs" / "calexnet_seed0" / "branch_2" / "head.json").read_text())
+    assert all("val_loss" in r for r in head["history"]) and len(head["history"]) <= 3
+    bad = [*argv[: argv.index("--methods")], "--methods", "reference:prototype", "--out", str(tmp_path / "b")]
+    with pytest.raises(SystemExit, match="prototype head pools"):
+        cli.main(bad)

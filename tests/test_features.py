@@ -172,3 +172,29 @@ def test_fingerprints_follow_weights_and_data(synth):
         bb.stages[0][0].weight.add_(1)
     assert features.model_fingerprint(bb) != fp
     assert features.dataset_fingerprint(synth.val) != features.dataset_fingerprint(synth.test)
+
+
+def test_pooled_cache_holds_the_working_maps_and_flips_double_the_images(tmp_path, synth):
+    """``pool`` stores each branch map average-pooled to at most pool x pool (what the grid head reads
+    first), a pooled disk cache is not mistaken for a full one, and ``with_flips`` caches both views."""
+    from calexnet_fast.reference import working_map
+
+    bb = tiny_backbone()
+    full = build_feature_cache(bb, synth.test, batch_size=10, dtype=torch.float32, progress=False)
+    pooled = build_feature_cache(bb, synth.test, batch_size=10, dtype=torch.float32, pool=4, progress=False)
+    assert [s[1:] for s in pooled.branch_shapes] == [(4, 4), (4, 4)]
+    for k in range(2):
+        torch.testing.assert_close(pooled.features[k], working_map(full.features[k], 4))
+    path = tmp_path / "test.safetensors"
+    build_feature_cache(bb, synth.test, storage="disk", path=path, progress=False)
+    again = build_feature_cache(bb, synth.test, storage="disk", path=path, pool=4, progress=False)
+    assert again.branch_shapes[0][1:] == (4, 4)  # rebuilt, not reused
+    flips = build_feature_cache(bb, synth.test.with_flips(), dtype=torch.float32, progress=False)
+    n = len(synth.test)
+    assert len(flips) == 2 * n and torch.equal(flips.labels_tensor()[n:], synth.test.labels)
+    with torch.no_grad():
+        x = torch.stack([synth.test[i][0] for i in range(3)]).flip(-1)
+        mirrored, _ = bb.features(x)
+    torch.testing.assert_close(flips.features[0][n : n + 3], mirrored[0])
+    with pytest.raises(ValueError, match="pool"):
+        build_feature_cache(bb, synth.test, pool=0, progress=False)

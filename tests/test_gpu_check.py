@@ -26,6 +26,7 @@ STEPS = [
     "bench_scatter_rows",
     "bench_exit_decision",
     "bench_proto_head",
+    "bench_grid_head",
     "bench_throughput",
 ]
 

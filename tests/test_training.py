@@ -298,3 +298,40 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
     s = load_file(str(single / "rank0.safetensors"))
     for k in s:
         torch.testing.assert_close(s[k], r0[k], rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_a_resumed_run_ends_the_same(tmp_path):
+    """A validation set whose labels disagree with training gets worse as training improves: the best
+    epoch is the first, training stops ``patience`` epochs later, the model holds that epoch's weights, and
+    a run resumed from the last checkpoint neither trains further nor ends differently."""
+    cache, val = make_cache(), make_cache(seed=1)
+    wrong = FeatureCache(list(val.features), val.logits_tensor(), (val.labels_tensor() + 1) % 4)
+    src = CacheSource(wrong)
+
+    def validate(m):
+        return training.evaluate_loss(m, src, ce)
+
+    cfg = FitConfig(epochs=12, batch_size=16, lr=0.05, patience=2)
+    seen = []
+
+    def hook(epoch, record):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    torch.manual_seed(0)
+    model = Probe(dropout=0.0)
+    r = training.fit(model, CacheSource(cache), ce, cfg, progress=False, validate=validate, on_epoch_end=hook,
+                     checkpoint_dir=tmp_path)  # fmt: skip
+    losses = [h["val_loss"] for h in r.history]
+    best = 1 + losses.index(min(losses))
+    assert r.stopped_early and r.best_epoch == best and len(r.history) == best + 2 < 12
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, seen[best - 1][k]), k
+    assert validate(model) == pytest.approx(min(losses))
+    torch.manual_seed(0)
+    again = Probe(dropout=0.0)
+    r2 = training.fit(again, CacheSource(cache), ce, cfg, progress=False, validate=validate, checkpoint_dir=tmp_path)
+    assert r2.epochs_run == 0 and r2.best_epoch == best and r2.stopped_early
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="patience"):
+        FitConfig(patience=-1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..heads import PrototypePoolingHead
+from ..heads import GridPrototypeHead, PrototypePoolingHead
 from .models import ZTW, BoostNet, PTEEnet, PTEEnetExit, boosted_predictions
 
 __all__ = ["BoostNetExitHead", "PTEEnetExitHead", "ZTWExitHead", "baseline_exit_heads"]
@@ -40,7 +40,7 @@ class BoostNetExitHead(nn.Module):
     def __init__(self, model: BoostNet, k: int) -> None:
         super().__init__()
         head = model.heads[k]
-        self.head = head.fold() if isinstance(head, PrototypePoolingHead) else head
+        self.head = head.fold() if isinstance(head, (PrototypePoolingHead, GridPrototypeHead)) else head
         self.r, self.k = model.r, k
 
     def forward(self, h: torch.Tensor, state: torch.Tensor | None = None):

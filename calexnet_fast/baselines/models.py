@@ -17,8 +17,8 @@ has ``forward(features)``, ``loss(outputs, batch)`` (its training loss on a cach
   :class:`GeometricEnsembles`. Score = max probability of the level-``k`` ensemble.
 * :class:`BoostNet` (Yu et al. 2023): additive predictions ``F_k = out_k + r F_{k−1}`` (r = 0.5); head ``k``
   learns with ``CE(out_k + r · detach(F_{k−1}), y)``, summed over heads. Score = max softmax of ``F_k``.
-  Heads: the CalexNet :class:`~calexnet_fast.heads.PrototypePoolingHead` (same D, K), so the comparison
-  with CalexNet isolates the training and the exit rule.
+  Heads: the CalexNet head (:class:`~calexnet_fast.heads.GridPrototypeHead` by default, same D, K), so the
+  comparison with CalexNet isolates the training and the exit rule.
 
 Choices this module fixes where the sources leave room (each a named option):
 
@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..heads import PrototypePoolingHead
+from ..heads import GridPrototypeHead
+from ..reference import working_map
 from ..training import CachedBatch
 
 __all__ = [
@@ -52,6 +53,11 @@ __all__ = [
     "boosted_predictions",
     "cumulative_eenet",
 ]
+
+
+def _check_max_size(max_size: int | None) -> None:
+    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1):
+        raise ValueError(f"max_size: expected None or a positive int (pooled map side), got {max_size!r}")
 
 
 class ExitOutputs(NamedTuple):
@@ -79,12 +85,16 @@ class PTEEnetExit(nn.Module):
         in_channels: C of the branch feature map.
         n_classes: classifier outputs.
         n_convs: 0 (``bnpool``-like plain pooling) to 3; the PTEEnet default ``conv2`` is 2.
+        max_size: average-pool the map to at most ``max_size`` x ``max_size`` first
+            (:func:`~calexnet_fast.reference.working_map`; ``None``: the full map, as PTEEnet does).
 
     ``forward(f [N, C, H, W]) -> (logits [N, n_classes], confidence [N] in (0, 1))``.
     """
 
-    def __init__(self, in_channels: int, n_classes: int, n_convs: int = 2) -> None:
+    def __init__(self, in_channels: int, n_classes: int, n_convs: int = 2, max_size: int | None = None) -> None:
         super().__init__()
+        _check_max_size(max_size)
+        self.max_size = max_size
         if not isinstance(n_convs, int) or not 0 <= n_convs <= 3:
             raise ValueError(f"n_convs: expected 0, 1, 2 or 3 (PTEEnet plain/conv/conv2/conv3), got {n_convs!r}")
         layers: list[nn.Module] = []
@@ -100,6 +110,8 @@ class PTEEnetExit(nn.Module):
         self.in_channels, self.n_classes, self.n_convs = in_channels, n_classes, n_convs
 
     def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_size is not None:
+            f = working_map(f, self.max_size)
         h = self.body(f).mean(dim=(2, 3))
         return self.classifier(h), torch.sigmoid(self.confidence(h)).squeeze(1)
 
@@ -150,6 +162,7 @@ class PTEEnet(nn.Module):
         cost_weight: λ of the cost term (1).
         target: ``"backbone"`` (argmax of the backbone's logits, PTEEnet's ``use_main_targets``) or
             ``"labels"``.
+        max_size: exit blocks read the map average-pooled to at most this side (:class:`PTEEnetExit`).
 
     ``forward(features) -> (logits [K, B, C], confidence [K, B])``.
     """
@@ -162,12 +175,13 @@ class PTEEnet(nn.Module):
         n_convs: int = 2,
         cost_weight: float = 1.0,
         target: str = "backbone",
+        max_size: int | None = None,
     ) -> None:
         super().__init__()
         if target not in ("backbone", "labels"):
             raise ValueError(f"target: expected 'backbone' or 'labels', got {target!r}")
         k_count = len(branch_channels)
-        self.heads = nn.ModuleList(PTEEnetExit(int(c), n_classes, n_convs) for c in branch_channels)
+        self.heads = nn.ModuleList(PTEEnetExit(int(c), n_classes, n_convs, max_size) for c in branch_channels)
         self.cost_weight = float(cost_weight)
         self.target = target
         default = [(k + 1) / (k_count + 1) for k in range(k_count)] + [1.0]
@@ -228,13 +242,20 @@ class ZTWHead(nn.Module):
         n_classes: number of classes.
         cascading: also read the previous head's logits (detached, LayerNorm) before the linear layer.
         pool_size: side of the pooled map (4).
+        max_size: average-pool the map to at most ``max_size`` x ``max_size`` first
+            (:func:`~calexnet_fast.reference.working_map`), so the SDN max pooling takes the maximum of local
+            means; ``None``: the full map, as SDN does.
 
     ``forward(f [N, C, H, W], prev [N, n_classes] | None) -> logits [N, n_classes]``; a cascading head
     without ``prev`` reads zeros (used for FLOPs probing).
     """
 
-    def __init__(self, in_channels: int, n_classes: int, cascading: bool, pool_size: int = 4) -> None:
+    def __init__(
+        self, in_channels: int, n_classes: int, cascading: bool, pool_size: int = 4, max_size: int | None = None
+    ) -> None:
         super().__init__()
+        _check_max_size(max_size)
+        self.max_size = max_size
         self.pool = SDNPool(pool_size)
         self.cascading = cascading
         self.norm = nn.LayerNorm(n_classes) if cascading else None
@@ -242,6 +263,8 @@ class ZTWHead(nn.Module):
         self.n_classes = n_classes
 
     def forward(self, f: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        if self.max_size is not None:
+            f = working_map(f, self.max_size)
         h = self.pool(f).flatten(1)
         if self.cascading:
             if prev is None:
@@ -257,14 +280,18 @@ class ZTW(nn.Module):
         branch_channels: K channel counts.
         n_classes: number of classes.
         cascading: heads 2..K read the previous head's logits (ZTW's cascade connection).
+        max_size: heads read the map average-pooled to at most this side (:class:`ZTWHead`).
 
     ``forward(features) -> logits [K, B, C]`` of the internal classifiers.
     """
 
-    def __init__(self, branch_channels: Sequence[int], n_classes: int, cascading: bool = True) -> None:
+    def __init__(
+        self, branch_channels: Sequence[int], n_classes: int, cascading: bool = True, max_size: int | None = None
+    ) -> None:
         super().__init__()
         self.heads = nn.ModuleList(
-            ZTWHead(int(c), n_classes, cascading=cascading and k > 0) for k, c in enumerate(branch_channels)
+            ZTWHead(int(c), n_classes, cascading=cascading and k > 0, max_size=max_size)
+            for k, c in enumerate(branch_channels)
         )
         self.ensembles = GeometricEnsembles(len(branch_channels), n_classes)
 
@@ -353,8 +380,10 @@ class BoostNet(nn.Module):
         branch_channels: K channel counts.
         n_classes: number of classes.
         r: shrinkage (0.5).
-        head_dim, n_prototypes: D and K of the ``PrototypePoolingHead`` heads.
+        head_dim, n_prototypes: D and K of the heads.
         target: ``"labels"`` (BoostNet) or ``"backbone"`` (argmax of the backbone).
+        head: the CalexNet head class: :class:`~calexnet_fast.heads.GridPrototypeHead` (default) or
+            :class:`~calexnet_fast.heads.PrototypePoolingHead`.
 
     ``forward(features) -> raw outputs [K, B, C]`` (``out_k``; :func:`boosted_predictions` makes ``F_k``).
     """
@@ -364,15 +393,16 @@ class BoostNet(nn.Module):
         branch_channels: Sequence[int],
         n_classes: int,
         r: float = 0.5,
-        head_dim: int = 128,
+        head_dim: int = 32,
         n_prototypes: int = 32,
         target: str = "labels",
+        head: type[nn.Module] = GridPrototypeHead,
     ) -> None:
         super().__init__()
         if target not in ("backbone", "labels"):
             raise ValueError(f"target: expected 'backbone' or 'labels', got {target!r}")
         self.heads = nn.ModuleList(
-            PrototypePoolingHead(int(c), n_classes, dim=head_dim, n_prototypes=n_prototypes) for c in branch_channels
+            head(int(c), n_classes, dim=head_dim, n_prototypes=n_prototypes) for c in branch_channels
         )
         self.r = float(r)
         self.target = target

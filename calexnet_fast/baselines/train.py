@@ -21,8 +21,9 @@ from torch import nn
 
 from ..features import FeatureCache, predict
 from ..flops import count_flops
+from ..heads import DEFAULT_HEAD_DIMS, HEADS
 from ..io import load_state_file, save_state_file
-from ..training import BatchSource, CacheSource, FitConfig, fit
+from ..training import BatchSource, CacheSource, FitConfig, evaluate_loss, fit
 from .models import ZTW, BoostNet, ExitOutputs, PTEEnet
 
 __all__ = [
@@ -52,7 +53,11 @@ class BaselineConfig:
         ztw_ensemble_lr: its learning rate.
         boost_r: BoostNet's r (0.5).
         boost_target: ``"labels"`` or ``"backbone"``.
-        head_dim, n_prototypes: BoostNet's prototype heads.
+        boost_head: BoostNet's heads, the CalexNet head by name (``"grid"``, default, or ``"prototype"``).
+        head_dim, n_prototypes: their D (``None``: the head's default) and K.
+        max_size: PTEEnet's exit blocks and ZTW's heads read the branch map average-pooled to at most this
+            side (``None``: the full map, as published); heads that start with this pooling train exactly on
+            a feature cache pooled the same way.
     """
 
     pteenet_convs: int = 2
@@ -63,8 +68,10 @@ class BaselineConfig:
     ztw_ensemble_lr: float = 1e-2
     boost_r: float = 0.5
     boost_target: str = "labels"
-    head_dim: int = 128
+    boost_head: str = "grid"
+    head_dim: int | None = None
     n_prototypes: int = 32
+    max_size: int | None = None
 
 
 def make_baseline(
@@ -79,17 +86,19 @@ def make_baseline(
             n_convs=cfg.pteenet_convs,
             cost_weight=cfg.pteenet_cost_weight,
             target=cfg.pteenet_target,
+            max_size=cfg.max_size,
         )
     if name == "ztw":
-        return ZTW(branch_channels, n_classes, cascading=cfg.ztw_cascading)
+        return ZTW(branch_channels, n_classes, cascading=cfg.ztw_cascading, max_size=cfg.max_size)
     if name == "boostnet":
         return BoostNet(
             branch_channels,
             n_classes,
             r=cfg.boost_r,
-            head_dim=cfg.head_dim,
+            head_dim=cfg.head_dim or DEFAULT_HEAD_DIMS[cfg.boost_head],
             n_prototypes=cfg.n_prototypes,
             target=cfg.boost_target,
+            head=HEADS[cfg.boost_head],
         )
     raise ValueError(f"name: expected one of {list(BASELINE_NAMES)}, got {name!r}")
 
@@ -198,6 +207,8 @@ def train_baseline(
     resume: bool = True,
     device: torch.device | str | None = None,
     progress: bool = True,
+    val_cache: FeatureCache | None = None,
+    compile_model: bool = False,
 ) -> TrainedBaseline:
     """Build and train one baseline on cached branch features with the engine's :func:`fit`.
 
@@ -210,12 +221,16 @@ def train_baseline(
         config: :class:`BaselineConfig`.
         out_dir: epoch checkpoints (``stage1/``, ``stage2/`` for ZTW) and the final ``model.safetensors``.
         resume: continue from checkpoints in ``out_dir``.
-        device, progress: as in :func:`~calexnet_fast.training.fit`.
+        device, progress, compile_model: as in :func:`~calexnet_fast.training.fit`.
+        val_cache: a held-out split: with ``fit_config.patience`` > 0 each stage stops early on its loss
+            there and keeps its best epoch (required then).
 
     Returns:
         :class:`TrainedBaseline` (model in eval mode on the CPU).
     """
     cfg = config or BaselineConfig()
+    if fit_config.patience > 0 and val_cache is None:
+        raise ValueError("val_cache: early stopping (fit_config.patience > 0) needs a validation feature cache")
     shapes = train_cache.branch_shapes
     if len(segment_flops) != len(shapes) + 1:
         raise ValueError(
@@ -242,10 +257,17 @@ def train_baseline(
     history: dict = {}
     if isinstance(model, ZTW):  # stage 1 trains the heads only (and DDP must not wait for unused grads)
         model.ensembles.requires_grad_(False)
+
+    def loss1(m, b):
+        return model.loss(m(b.features), b)
+
+    def validate1(m):
+        return evaluate_loss(m, CacheSource(val_cache), loss1, device=device)
+
     r1 = fit(
         model,
         CacheSource(train_cache),
-        lambda m, b: model.loss(m(b.features), b),
+        loss1,
         fit_config,
         checkpoint_dir=out / "stage1" if out is not None else None,
         resume=resume,
@@ -253,6 +275,8 @@ def train_baseline(
         progress=progress,
         desc=name,
         run_config=run,
+        compile_model=compile_model,
+        validate=validate1 if fit_config.patience > 0 else None,
     )
     history["stage1"] = r1.history
     if isinstance(model, ZTW):
@@ -266,11 +290,24 @@ def train_baseline(
             weight_decay=0.0,
             schedule="cosine",
             seed=fit_config.seed,
+            patience=fit_config.patience,
         )
+
+        def loss2(m, b):
+            return ens.loss(m(b[0].permute(1, 0, 2)), b[1])
+
+        validate2 = None
+        if fit_config.patience > 0:
+            ic_val = _raw_outputs(model, val_cache, 1024, device).permute(1, 0, 2).contiguous()
+            val_source = TensorSource(ic_val, val_cache.labels_tensor())
+
+            def validate2(m):
+                return evaluate_loss(m, val_source, loss2, device=device)
+
         r2 = fit(
             ens,
             TensorSource(ic.permute(1, 0, 2).contiguous(), train_cache.labels_tensor()),
-            lambda m, b: ens.loss(m(b[0].permute(1, 0, 2)), b[1]),
+            loss2,
             stage2,
             checkpoint_dir=out / "stage2" if out is not None else None,
             resume=resume,
@@ -278,6 +315,7 @@ def train_baseline(
             progress=progress,
             desc=f"{name} ensembles",
             run_config=run,
+            validate=validate2,
         )
         history["stage2"] = r2.history
     model.eval().cpu()

@@ -4,13 +4,11 @@ It runs the one cascade loop of :class:`~calexnet_fast.cascades.ReferenceCascade
 survivors run stage ``k``, then the branch head and its exit decision:
 
 - on CUDA with Triton, a ``PrototypePoolingHead`` runs as the fused kernel
-  ``calexnet_fast.kernels.proto_head_exit`` (head + softmax + argmax + threshold test in one pass over the
-  feature map); any other head runs as a module followed by the fused ``exit_decision`` kernel;
+  ``calexnet_fast.kernels.proto_head_exit`` and a ``GridPrototypeHead`` as ``grid_head_exit`` (head + softmax +
+  argmax + threshold test in one pass over the feature map, on the folded head's buffers cast once per head);
+  any other head runs as a module followed by the fused ``exit_decision`` kernel;
 - elsewhere the head runs in its folded inference form (BN folded into the projection) in eager PyTorch,
   followed by the reference exit rule.
-
-A ``GridPrototypeHead`` has no fused kernel: on every device it runs in its folded form
-(``FoldedGridPrototypeHead``) followed by the exit decision (the fused ``exit_decision`` kernel on CUDA).
 
 The survivors' feature maps are gathered into a dense batch by the C++ ``compact`` op (on CUDA its survivor
 count is the one host sync of the stage) and only they run the next stage. Every stage's logits are kept
@@ -34,7 +32,13 @@ from torch import nn
 from ..availability import Plan, cascade_plan
 from ..exit_rule import CascadeOutput, exit_decision_reference
 from ..heads import FoldedGridPrototypeHead, FoldedPrototypeHead, GridPrototypeHead, PrototypePoolingHead
-from ..kernels import exit_decision, proto_head_exit, proto_head_operand_dtypes
+from ..kernels import (
+    exit_decision,
+    grid_head_exit,
+    grid_head_operand_dtypes,
+    proto_head_exit,
+    proto_head_operand_dtypes,
+)
 from .deployable import DeployableCascade
 from .reference import ReferenceCascade
 
@@ -169,7 +173,13 @@ class Cascade(ReferenceCascade):
                 return logits, exit_
             logits = folded(h)
         elif isinstance(head, GridPrototypeHead):
-            logits = self.folded_head(k, h.device)(h)
+            folded = self.folded_head(k, h.device)
+            if fused:
+                operands = folded.operands(grid_head_operand_dtypes(h.dtype))  # cast once per head
+                sizes = (folded.grid, folded.feature_grid, folded.max_size)
+                logits, exit_, _, _ = grid_head_exit(h, *operands, thresholds, *sizes)
+                return logits, exit_
+            logits = folded(h)
         else:
             logits = head(h)
         decide = exit_decision if fused else exit_decision_reference

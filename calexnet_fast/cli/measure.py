@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--margins",
         default=DEFAULT_MARGINS,
-        help=f"CPM margins to measure: a comma list or START:STOP:COUNT, or 'all' (--run: every calibrated "
-        f"margin); --run uses the calibrated margins closest to these (default {DEFAULT_MARGINS})",
+        help=f"CPM margins to measure: a comma list or START:STOP:COUNT, 'all' (--run: every calibrated "
+        f"margin) or 'none' (--compare: only the --losses points); --run uses the calibrated margins closest to "
+        f"these (default {DEFAULT_MARGINS})",
     )
     p.add_argument(
         "--baseline-reductions",
@@ -51,10 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"Pareto envelope (from results.json) nearest to it (default {DEFAULT_BASELINE_REDUCTIONS}; '' for none)",
     )
     p.add_argument(
-        "--baseline-losses",
+        "--losses",
         default="",
-        help="--compare: more baseline thresholds: per accuracy loss (e.g. 0.01 = 1 pt), the envelope point with "
-        "the largest FLOPs reduction whose accuracy in results.json is within that loss of the backbone's",
+        help="--compare: more points for every method: per accuracy loss (e.g. 0.01 = 1 pt), the point (margin "
+        "or threshold) of the method's Pareto envelope with the largest FLOPs reduction whose accuracy in "
+        "results.json is within that loss of the backbone's",
     )
     p.add_argument("--out", help="directory for speed.json, speed.png, speed.svg, speed_table.md (default: the input)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward, backbone and cascade (256)")

@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict
 
 from ..data import default_min_support, stratified_subset
+from ..heads import HEADS
 from ..recipes import RECIPE_NAMES, recipe, train_branches
 from ..run import CacheConfig, Run, SplitLogits, data_and_backbone
 from ..training import FitConfig, seed_everything
@@ -51,6 +52,7 @@ RECIPE_OPTIONS = (
     "margin_mode",
     "min_support",
     "bar_from",
+    "head",
     "head_dim",
     "n_prototypes",
 )
@@ -63,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--train-subset",
         type=int,
         help="train on a stratified subset of this many training images (quick CPU runs)",
+    )
+    p.add_argument(
+        "--flip",
+        action="store_true",
+        help="train on every training image and its left-right mirror (cached horizontal-flip augmentation)",
     )
     add_backbone_args(p)
     g = p.add_argument_group("recipe (each CalexNet fix is its own switch)")
@@ -87,10 +94,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_calibration_args(g, "the recipe's")
     g.add_argument("--m-train", type=float, help="margin of the thresholds behind the training weights (0.2)")
-    g.add_argument("--head-dim", type=int, help="prototype head projection width D (128)")
-    g.add_argument("--n-prototypes", type=int, help="prototype head K (32)")
+    g.add_argument(
+        "--head",
+        choices=tuple(HEADS),
+        help="branch head: grid (similarities pooled per cell of a 2x2 grid) or prototype (pooled over the "
+        "whole map); default: the recipe's",
+    )
+    g.add_argument("--head-dim", type=int, help="head projection width D (default: the head's own)")
+    g.add_argument("--n-prototypes", type=int, help="head prototypes K (32)")
     g = p.add_argument_group("optimisation of each head (on cached features)")
-    g.add_argument("--epochs", type=int, default=30, help="per branch (default 30)")
+    g.add_argument("--epochs", type=int, default=30, help="per branch, at most (default 30)")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="early stopping: stop a head when its validation loss has not improved for this many epochs and "
+        "keep its best epoch (default 0: off)",
+    )
     g.add_argument("--batch-size", type=int, default=256, help="per process (default 256)")
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
     g.add_argument("--lr", type=float, default=1e-3, help="default 1e-3")
@@ -119,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         train_set = stratified_subset(train_set, args.train_subset, args.split_seed, name="--train-subset")
         train_name = f"train_subset{args.train_subset}"
         dataset["train_subset"] = args.train_subset
+    if args.flip:
+        train_set, train_name = train_set.with_flips(), f"{train_name}_flips"
+        dataset["flip"] = True
     device = device_of(args)
     log.info(
         f"recipe {rec.name} on {bb.name} (branch points {bb.branch_points}), {dataset['name']}: "

@@ -131,6 +131,25 @@ class ImageDataset(Dataset):
             fine_labels=self.fine_labels[idx] if self.fine_labels is not None else None,
         )
 
+    def with_flips(self) -> ImageDataset:
+        """The ``2N`` images ``[all of self, all of self flipped left-right]`` (labels repeated): the cached
+        form of horizontal-flip augmentation (a feature cache of it holds both views of every image).
+
+        Raises:
+            ValueError: the images are lazy files (only decoded, in-memory images are flipped here).
+        """
+        if self.images is None:
+            raise ValueError("with_flips: expected decoded in-memory images, got lazy image files")
+        return ImageDataset(
+            self.labels.repeat(2),
+            self.classes,
+            images=torch.cat([self.images, self.images.flip(-1)]),
+            normalization=self.normalization,
+            augment=self.augment,
+            image_size=self.image_size,
+            fine_labels=self.fine_labels.repeat(2) if self.fine_labels is not None else None,
+        )
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         label = int(self.labels[i])
         if self.images is not None:

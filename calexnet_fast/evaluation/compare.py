@@ -5,7 +5,8 @@ feature cache), trains every method for every seed from them (CPM recipes: :func
 train_branches`; baselines: :func:`~calexnet_fast.baselines.train_baseline`), calibrates on the validation
 split and sweeps the operating parameter on the test split (:mod:`.points`), and writes ``results.json``
 (every operating point, Pareto envelopes, accuracy at 30-70 % reduction, area, mean ± std over seeds),
-``pareto.png`` / ``pareto.svg`` and ``table.md`` to ``out``.
+``pareto.png`` / ``pareto.svg`` and ``table.md`` (the Pareto table, then per-exit accuracies, the reduction
+reached within 1 and 2 points of the backbone's accuracy and each head's cost) to ``out``.
 
 Recipes that train identical heads share them (:func:`_training_key`), and recipes whose first branch
 trains identically share that head (:func:`_branch1_key`): same seed, same data order, same result.
@@ -27,7 +28,7 @@ import torch
 
 from .. import io
 from ..baselines import BASELINE_NAMES, BaselineConfig, ZTWHead, train_baseline
-from ..data import stratified_subset
+from ..data import stratified_split, stratified_subset
 from ..distributed import default_device, init_distributed
 from ..features import branch_logits
 from ..flops import FlopsProfile, head_flops, segment_flops
@@ -36,9 +37,9 @@ from ..run import CacheConfig, data_and_backbone, versions
 from ..training import FitConfig, seed_everything
 from .pareto import AREA_RANGE, REDUCTIONS, aggregate, seed_summary, summarize
 from .points import SweepResult, parse_margins, sweep_cpm, sweep_global_threshold, threshold_grid
-from .report import plot_envelopes, results_table
+from .report import exits_table, plot_envelopes, results_table
 
-__all__ = ["CPM_METHODS", "DEFAULT_METHODS", "CompareConfig", "run_compare"]
+__all__ = ["CPM_METHODS", "DEFAULT_METHODS", "CompareConfig", "method_head", "run_compare"]
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,24 @@ class CompareConfig:
 
     Output: ``out`` (results.json, pareto.png/.svg, table.md), ``work_dir`` (checkpoints and heads of every
     method x seed; default ``out/work``). Data: as ``calexnet train`` (``dataset`` .. ``synthetic_classes``),
-    ``train_subset`` / ``subset_seed`` (a stratified subset of the training images). Backbone: ``backbone``
-    .. ``class_map`` as ``calexnet train``. Methods: ``methods`` and ``seeds`` (comma lists), the head
-    (``head_dim``, ``n_prototypes``, ``cpm_head`` = ``"prototype"`` or ``"sdn"``), the CPM sweep
+    ``train_subset`` / ``subset_seed`` (a stratified subset of the training images), ``flip`` (train on every
+    training image and its left-right mirror: cached horizontal-flip augmentation). Backbone: ``backbone``
+    .. ``class_map`` as ``calexnet train``. Methods: ``methods`` and ``seeds`` (comma lists; a CPM method may
+    name its head, ``calexnet:sdn``), the head (``head_dim`` (``None``: the head's default),
+    ``n_prototypes``, ``cpm_head`` = ``"grid"`` (default), ``"prototype"`` or ``"sdn"``: ZTW's SDN head
+    without the cascade; BoostNet uses the CalexNet head, grid unless ``"prototype"``), the CPM sweep
     (``margins`` = ``START:STOP:COUNT`` or a comma list, ``margin_mode``, ``min_support``), the baselines'
-    threshold grid (``thresholds`` uniform points + ``threshold_quantiles`` validation quantiles) and ZTW's
-    second stage (``ztw_ensemble_epochs``). Optimisation, the same for every method and head: ``epochs`` ..
-    ``weight_decay``, ``lr_overrides`` (``METHOD=LR`` comma list), ``no_resume``. Feature cache: ``cache``
-    .. ``workers``. Execution: ``device``, ``threads``, ``quiet``.
+    threshold grid (``thresholds`` uniform points + ``threshold_quantiles`` calibration quantiles) and ZTW's
+    second stage (``ztw_ensemble_epochs``). Protocol: ``calibration`` = ``"test-half"`` (default: thresholds
+    are chosen on a stratified half of the test split drawn with ``calibration_seed``, accuracy and FLOPs are
+    reported on the other half; the validation split carved from train is then only for early stopping and
+    the ``m_train`` calibration) or ``"val"`` (choose on the validation split, report on the whole test
+    split). Optimisation, the same for every method and head: ``epochs`` (at most), ``patience`` (early
+    stopping on the validation loss, 0: off), ``compile_heads`` (``torch.compile`` the training forward),
+    ``batch_size`` .. ``weight_decay``, ``lr_overrides`` (``METHOD=LR`` comma list), ``no_resume``. Feature
+    cache: ``cache`` .. ``workers``, ``cache_pool`` (store branch maps average-pooled to at most this side:
+    exact for heads that pool so first, refused for the globally pooling ``prototype`` head). Execution:
+    ``device``, ``threads``, ``quiet``.
     """
 
     out: str
@@ -95,16 +106,21 @@ class CompareConfig:
     class_map: str | None = None
     methods: str = ",".join(DEFAULT_METHODS)
     seeds: str = "0,1,2"
-    head_dim: int = 128
+    head_dim: int | None = None
     n_prototypes: int = 32
-    cpm_head: str = "prototype"
+    cpm_head: str = "grid"
     margins: str = "0:1:101"
     margin_mode: str = "additive"
     min_support: int = 20
     thresholds: int = 101
     threshold_quantiles: int = 199
     ztw_ensemble_epochs: int = 20
+    calibration: str = "test-half"
+    calibration_seed: int = 0
+    flip: bool = False
     epochs: int = 30
+    patience: int = 0
+    compile_heads: bool = False
     batch_size: int = 256
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -114,6 +130,7 @@ class CompareConfig:
     cache: str = "memory"
     cache_dir: str | None = None
     cache_dtype: str = "float16"
+    cache_pool: int | None = None
     feature_batch_size: int = 256
     workers: int = 0
     device: str | None = None
@@ -138,7 +155,13 @@ def _training_key(rec) -> str:
 def _branch1_key(rec) -> str:
     """What branch 1's training depends on: it always trains with weight 1, so recipes that differ only in
     weighting or calibration train the very same first head (same seed, same data order)."""
-    d = {"distill": rec.distill, "ce_target": rec.ce_target, "head_dim": rec.head_dim, "n_prototypes": rec.n_prototypes}
+    d = {
+        "distill": rec.distill,
+        "ce_target": rec.ce_target,
+        "head": rec.head,
+        "head_dim": rec.head_dim,
+        "n_prototypes": rec.n_prototypes,
+    }
     if rec.distill:
         d.update(kd_temperature=rec.kd_temperature, ce_weight=rec.ce_weight)
     return json.dumps(d, sort_keys=True)
@@ -174,14 +197,41 @@ def _parse_lr_overrides(text: str, methods: Sequence[str]) -> dict[str, float]:
     return out
 
 
+CPM_HEADS = ("grid", "prototype", "sdn")
+
+
+def method_head(method: str, default: str) -> tuple[str, str]:
+    """``"calexnet:sdn"`` -> ``("calexnet", "sdn")``; a CPM method without ``:HEAD`` takes ``default``."""
+    name, _, head = method.partition(":")
+    return name, head or default
+
+
 def _methods_and_seeds(cfg: CompareConfig) -> tuple[list[str], list[int]]:
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in CPM_METHODS and m not in BASELINE_NAMES]
+    if cfg.cpm_head not in CPM_HEADS:
+        raise ValueError(f"cpm_head: expected one of {CPM_HEADS}, got {cfg.cpm_head!r}")
+
+    def known(m: str) -> bool:
+        name, head = method_head(m, cfg.cpm_head)
+        return (name in CPM_METHODS and head in CPM_HEADS) or m in BASELINE_NAMES
+
+    unknown = [m for m in methods if not known(m)]
     if unknown or not methods:
         raise ValueError(
             f"methods: unknown {unknown or 'empty list'}; expected names from "
-            f"{list(CPM_METHODS) + list(BASELINE_NAMES)}"
+            f"{list(CPM_METHODS) + list(BASELINE_NAMES)}, a CPM method optionally with :HEAD, HEAD in {CPM_HEADS}"
         )
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods: expected each method once, got {methods}")
+    if cfg.cache_pool is not None:
+        heads = {method_head(m, cfg.cpm_head)[1] for m in methods if m not in BASELINE_NAMES}
+        if "boostnet" in methods and cfg.cpm_head == "prototype":
+            heads.add("prototype")
+        if "prototype" in heads:
+            raise ValueError(
+                "cache_pool: the prototype head pools its similarities over the full branch map, so it cannot "
+                "train on pooled features; use the grid or sdn head, or no cache_pool"
+            )
     try:
         seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
     except ValueError:
@@ -191,23 +241,25 @@ def _methods_and_seeds(cfg: CompareConfig) -> tuple[list[str], list[int]]:
     return methods, seeds
 
 
-def _sdn_head(k: int, in_channels: int, n_classes: int):
-    return ZTWHead(in_channels, n_classes, cascading=False)
-
-
 class _CpmTrainer:
-    """Trains (or resumes, or shares) the CPM heads of one recipe and seed; what the sweeps need of them."""
+    """Trains (or resumes, or shares) the CPM heads of one recipe, head and seed; what the sweeps need of them."""
 
     def __init__(self, cfg: CompareConfig, work: Path, spec, dinfo: dict, bb, tr, va, te, device) -> None:
         self.cfg, self.work, self.bb, self.tr, self.va, self.te, self.device = cfg, work, bb, tr, va, te, device
         self.run_config = {"backbone": spec.to_json(), "dataset": {k: v for k, v in dinfo.items() if k != "data_dir"}}
-        if cfg.cpm_head != "prototype":
-            self.run_config["cpm_head"] = cfg.cpm_head
-        self.head_factory = _sdn_head if cfg.cpm_head == "sdn" else None
-        self.shared: dict[tuple[str, int], tuple] = {}
-        self.donors: dict[tuple[str, int], Path] = {}
+        self.shared: dict[tuple[str, str, int], tuple] = {}
+        self.donors: dict[tuple[str, str, int], Path] = {}
 
-    def _train(self, rec, fit_cfg, run_dir: Path, resume: bool):
+    def _run_config(self, head: str) -> dict:
+        return self.run_config if head == "prototype" else {**self.run_config, "cpm_head": head}
+
+    def _train(self, rec, head: str, fit_cfg, run_dir: Path, resume: bool):
+        factory = None
+        if head == "sdn":
+
+            def factory(k: int, in_channels: int, n_classes: int):
+                return ZTWHead(in_channels, n_classes, cascading=False, max_size=self.cfg.cache_pool)
+
         return train_branches(
             self.tr,
             self.va,
@@ -217,35 +269,76 @@ class _CpmTrainer:
             resume=resume,
             device=self.device,
             progress=not self.cfg.quiet,
-            run_config=self.run_config,
-            head_factory=self.head_factory,
+            run_config=self._run_config(head),
+            head_factory=factory,
+            compile_model=self.cfg.compile_heads,
         )
 
-    def logits(self, rec, fit_cfg, seed: int) -> tuple:
+    def logits(self, rec, head: str, fit_cfg, seed: int) -> tuple:
         """(val branch logits, test branch logits, head FLOPs, name the heads were trained as)."""
-        key = (_training_key(rec), seed)
+        key = (_training_key(rec), head, seed)
         if key in self.shared:
             return self.shared[key]
-        run_dir = self.work / "runs" / f"{rec.name}_seed{seed}"
-        b1 = (_branch1_key(rec), seed)
+        name = rec.name if head == self.cfg.cpm_head else f"{rec.name}_{head}"
+        run_dir = self.work / "runs" / f"{name}_seed{seed}"
+        b1 = (_branch1_key(rec), head, seed)
         seeded = None
         if b1 in self.donors and not self.cfg.no_resume:
-            seeded = _share_branch1(self.donors[b1], run_dir, rec, fit_cfg, self.run_config)
+            seeded = _share_branch1(self.donors[b1], run_dir, rec, fit_cfg, self._run_config(head))
         try:
-            bt = self._train(rec, fit_cfg, run_dir, resume=not self.cfg.no_resume)
+            bt = self._train(rec, head, fit_cfg, run_dir, resume=not self.cfg.no_resume)
         except RuntimeError:
             if seeded is None:
                 raise
             seeded.unlink()  # the engine's resume format changed: train branch 1 after all
-            bt = self._train(rec, fit_cfg, run_dir, resume=True)
+            bt = self._train(rec, head, fit_cfg, run_dir, resume=True)
         self.donors.setdefault(b1, run_dir)
         hf = head_flops(bt.heads, self.bb)
         va, te = (
             branch_logits(bt.heads, self.va, device=self.device),
             branch_logits(bt.heads, self.te, device=self.device),
         )
-        self.shared[key] = (va, te, hf, rec.name)
+        self.shared[key] = (va, te, hf, name)
         return self.shared[key]
+
+
+CALIBRATIONS = ("test-half", "val")
+
+
+class _Protocol:
+    """Where thresholds are chosen and where they are judged (``CompareConfig.calibration``).
+
+    ``"test-half"``: a stratified half of the test split (``calibration_seed``) calibrates, the other half is
+    reported; ``"val"``: the validation split calibrates, the whole test split is reported."""
+
+    def __init__(self, cfg: CompareConfig, va, te) -> None:
+        y_test, z_test = te.labels_tensor(), te.logits_tensor()
+        self.mode = cfg.calibration
+        if self.mode == "test-half":
+            self.eval_idx, self.cal_idx = stratified_split(y_test, 0.5, seed=cfg.calibration_seed)
+            self.y_cal, self.z_cal = y_test[self.cal_idx], z_test[self.cal_idx]
+            self.y_eval, self.z_eval = y_test[self.eval_idx], z_test[self.eval_idx]
+        else:
+            self.eval_idx = self.cal_idx = None
+            self.y_cal, self.z_cal = va.labels_tensor(), va.logits_tensor()
+            self.y_eval, self.z_eval = y_test, z_test
+        self.seed = cfg.calibration_seed
+
+    def calibration_rows(self, on_val: torch.Tensor, on_test: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The calibration rows, given a quantity on the validation and on the test split (rows on ``dim``)."""
+        return on_val if self.cal_idx is None else on_test.index_select(dim, self.cal_idx)
+
+    def eval_rows(self, on_test: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The reported rows of a quantity on the test split (rows on ``dim``)."""
+        return on_test if self.eval_idx is None else on_test.index_select(dim, self.eval_idx)
+
+    def to_json(self) -> dict:
+        return {
+            "calibration": self.mode,
+            "calibration_seed": self.seed if self.mode == "test-half" else None,
+            "n_calibration": int(self.y_cal.numel()),
+            "n_reported": int(self.y_eval.numel()),
+        }
 
 
 def run_compare(cfg: CompareConfig) -> int:
@@ -271,29 +364,40 @@ def run_compare(cfg: CompareConfig) -> int:
     device = torch.device(cfg.device) if cfg.device else default_device()
     if device.type == "cpu":  # NHWC convolutions are faster on CPU; the cached features are the same values
         bb = bb.to(memory_format=torch.channels_last)
+    if cfg.calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration: expected one of {CALIBRATIONS}, got {cfg.calibration!r}")
     train_set = splits.train
+    train_name = "train"
     if cfg.train_subset:
         train_set = stratified_subset(train_set, cfg.train_subset, cfg.subset_seed, name="train_subset")
         dinfo["train_subset"] = cfg.train_subset
         dinfo["subset_seed"] = cfg.subset_seed
+        train_name = f"train_subset{cfg.train_subset}_seed{cfg.subset_seed}"
+    if cfg.flip:
+        train_set = train_set.with_flips()
+        dinfo["flip"] = True
+        train_name += "_flips"
     cache_cfg = CacheConfig.of_options(cfg)
     log.info(
         f"compare {methods} x seeds {seeds} on {bb.name} (branch points {bb.branch_points}), {dinfo['name']}: "
         f"{len(train_set)} train / {len(splits.val)} val / {len(splits.test)} test images, device {device}"
     )
     t0 = time.time()
-    train_name = "train" if not cfg.train_subset else f"train_subset{cfg.train_subset}_seed{cfg.subset_seed}"
     tr, va, te = (
         cache_cfg.build(bb, ds, name, work, device=device, progress=not cfg.quiet)
         for ds, name in ((train_set, train_name), (splits.val, "val"), (splits.test, "test"))
     )
     t_features = time.time() - t0
     seg = segment_flops(bb)
-    y_val, z_val = va.labels_tensor(), va.logits_tensor()
-    y_test, z_test = te.labels_tensor(), te.logits_tensor()
-    backbone_acc = float((z_test.argmax(1) == y_test).double().mean())
+    protocol = _Protocol(cfg, va, te)
+    y_cal, z_cal, y_eval, z_eval = protocol.y_cal, protocol.z_cal, protocol.y_eval, protocol.z_eval
+    backbone_acc = float((z_eval.argmax(1) == y_eval).double().mean())
     base_cfg = BaselineConfig(
-        head_dim=cfg.head_dim, n_prototypes=cfg.n_prototypes, ztw_ensemble_epochs=cfg.ztw_ensemble_epochs
+        head_dim=cfg.head_dim,
+        n_prototypes=cfg.n_prototypes,
+        ztw_ensemble_epochs=cfg.ztw_ensemble_epochs,
+        boost_head="prototype" if cfg.cpm_head == "prototype" else "grid",
+        max_size=cfg.cache_pool,
     )
     cpm = _CpmTrainer(cfg, work, spec, dinfo, bb, tr, va, te, device)
     sweeps: dict[str, list[SweepResult]] = {m: [] for m in methods}
@@ -303,22 +407,26 @@ def run_compare(cfg: CompareConfig) -> int:
         for method in methods:
             t1 = time.time()
             fit_cfg = dataclasses.replace(base_fit, lr=lr_of.get(method, base_fit.lr))
-            if method in CPM_METHODS:
+            if method not in BASELINE_NAMES:
+                name, head = method_head(method, cfg.cpm_head)
                 rec = recipe(
-                    method,
-                    head_dim=cfg.head_dim,
+                    name,
+                    head="prototype" if head == "prototype" else "grid",
+                    head_dim=cfg.head_dim if head != "sdn" else None,
                     n_prototypes=cfg.n_prototypes,
                     margin_mode=cfg.margin_mode,
                     min_support=cfg.min_support,
                 )
-                zv, zt, hf, trained_as = cpm.logits(rec, fit_cfg, seed)
+                zv, zt, hf, trained_as = cpm.logits(rec, head, fit_cfg, seed)
+                zc, ze = protocol.calibration_rows(zv, zt, dim=1), protocol.eval_rows(zt, dim=1)
+                exit_acc = (ze.argmax(-1) == y_eval).double().mean(1).tolist()
                 sw = sweep_cpm(
-                    zv,
-                    z_val,
-                    y_val,
-                    zt,
-                    z_test,
-                    y_test,
+                    zc,
+                    z_cal,
+                    y_cal,
+                    ze,
+                    z_eval,
+                    y_eval,
                     FlopsProfile(tuple(seg), tuple(hf)),
                     margins,
                     aligned=rec.aligned,
@@ -328,7 +436,7 @@ def run_compare(cfg: CompareConfig) -> int:
                     method=method,
                     seed=seed,
                 )
-                sw.info = {"head_flops": hf, "heads_trained_as": trained_as}
+                sw.info = {"head_flops": hf, "heads_trained_as": trained_as, "exit_accuracy": exit_acc}
             else:
                 tb = train_baseline(
                     method,
@@ -340,14 +448,17 @@ def run_compare(cfg: CompareConfig) -> int:
                     resume=not cfg.no_resume,
                     device=device,
                     progress=not cfg.quiet,
+                    val_cache=va,
+                    compile_model=cfg.compile_heads,
                 )
                 ev, et = tb.exit_outputs(va, device=device), tb.exit_outputs(te, device=device)
-                grid = threshold_grid(ev.scores, cfg.thresholds, cfg.threshold_quantiles)
+                cal_scores = protocol.calibration_rows(ev.scores, et.scores, dim=1)
+                grid = threshold_grid(cal_scores, cfg.thresholds, cfg.threshold_quantiles)
                 profile = FlopsProfile(tuple(seg), tuple(tb.head_flops))
-                sw = sweep_global_threshold(
-                    et.scores, et.preds, z_test, y_test, profile, grid, method=method, seed=seed
-                )
-                sw.info = {"head_flops": tb.head_flops}
+                e_scores, e_preds = protocol.eval_rows(et.scores, dim=1), protocol.eval_rows(et.preds, dim=1)
+                sw = sweep_global_threshold(e_scores, e_preds, z_eval, y_eval, profile, grid, method=method, seed=seed)
+                exit_acc = (e_preds == y_eval).double().mean(1).tolist()
+                sw.info = {"head_flops": tb.head_flops, "exit_accuracy": exit_acc}
             sw.info["seconds"] = time.time() - t1
             timings[method].append(sw.info["seconds"])
             sweeps[method].append(sw)
@@ -356,7 +467,7 @@ def run_compare(cfg: CompareConfig) -> int:
                 f"{method} seed {seed}: {sw.info['seconds']:.0f}s, acc@50% "
                 f"{s['accuracy_at']['0.5']:.4f}, area {s['area']:.4f}, max reduction {s['max_reduction']:.3f}"
             )
-    summary = summarize(sweeps)
+    summary = summarize(sweeps, backbone_accuracy=backbone_acc)
     config = {
         "command": "compare",
         "argv": sys.argv,
@@ -368,6 +479,9 @@ def run_compare(cfg: CompareConfig) -> int:
         "fit": {k: v for k, v in asdict(base_fit).items() if k != "seed"},
         "lr_overrides": lr_of,
         "cpm_head": cfg.cpm_head,
+        "protocol": protocol.to_json(),
+        "flip": cfg.flip,
+        "patience": cfg.patience,
         "head_dim": cfg.head_dim,
         "n_prototypes": cfg.n_prototypes,
         "margins": [float(margins[0]), float(margins[-1]), int(margins.numel())],
@@ -383,7 +497,8 @@ def run_compare(cfg: CompareConfig) -> int:
         "config": config,
         "backbone": {
             "test_accuracy": backbone_acc,
-            "val_accuracy": float((z_val.argmax(1) == y_val).double().mean()),
+            "calibration_accuracy": float((z_cal.argmax(1) == y_cal).double().mean()),
+            "val_accuracy": float((va.logits_tensor().argmax(1) == va.labels_tensor()).double().mean()),
             "segment_flops": seg,
             "flops": float(sum(seg)),
         },
@@ -403,7 +518,8 @@ def run_compare(cfg: CompareConfig) -> int:
         f"mean ± std over seeds {','.join(map(str, seeds))}"
     )
     plot_envelopes(summary, [out / "pareto.png", out / "pareto.svg"], backbone_accuracy=backbone_acc, title=title)
-    table = results_table(summary)
+    head_flops = {m: runs[0].info["head_flops"] for m, runs in sweeps.items() if runs}
+    table = results_table(summary) + "\n" + exits_table(summary, head_flops, float(sum(seg)))
     io.write_text(out / "table.md", table)
     log.info(f"done in {time.time() - t_start:.0f}s: {out / 'results.json'}, {out / 'pareto.png'}, {out / 'table.md'}")
     print(table)

@@ -35,15 +35,23 @@ from torch import nn
 
 from .. import io
 from ..backbones import BackboneSpec, build_backbone
-from ..baselines import BaselineConfig, baseline_exit_heads, baseline_head_flops, make_baseline
+from ..baselines import (
+    BASELINE_NAMES,
+    BaselineConfig,
+    ZTWHead,
+    baseline_exit_heads,
+    baseline_head_flops,
+    make_baseline,
+)
 from ..calibration import calibrate
 from ..cascades import Cascade, ScoreCascade
+from ..data import stratified_split
 from ..features import branch_logits
 from ..flops import FlopsProfile, segment_flops
 from ..recipes import make_head, recipe
 from ..run import CacheConfig, Run, load_splits, spec_normalization
 from ..training import seed_everything
-from .compare import CPM_METHODS
+from .compare import method_head
 from .measure_session import MeasureConfig, Session, margin_list, payload, previous_runs, report, write_outputs
 from .pareto import pareto_envelope
 from .points import baseline_decisions, cpm_decisions
@@ -109,11 +117,12 @@ def _compare_work_dir(out: Path, config: dict, given: str | None) -> Path:
     return out / "work"
 
 
-def _baseline_taus(
+def _envelope_params(
     sweep: dict, targets: list[float], losses: Sequence[float] = (), backbone_accuracy: float = math.nan
 ) -> list[float]:
-    """Thresholds of envelope points of a compare sweep: the one nearest to each target reduction, and for each
-    accuracy loss the one with the largest reduction within that loss of ``backbone_accuracy``."""
+    """Parameters (thresholds, margins) of envelope points of a compare sweep: the one nearest to each target
+    reduction, and for each accuracy loss the one with the largest reduction within that loss of
+    ``backbone_accuracy``."""
     params = [float(v) for v in sweep["params"]]
     red, acc = sweep["flops_reduction"], sweep["accuracy"]
     ex, ey = pareto_envelope(red, acc)
@@ -169,26 +178,36 @@ def _missing(path: Path, work: Path) -> ValueError:
     return ValueError(f"{path} missing: is {work} the compare's work dir (work_dir)?")
 
 
-def _cpm_point_set(ctx: dict, method: str, seed: int, sw: dict, params: list[float]):
-    """(cascade, thresholds, profile, simulated decisions) of a CPM method's heads at the given margins."""
-    config, work, bb, session = ctx["config"], ctx["work"], ctx["bb"], ctx["session"]
+def _cpm_heads(config: dict, method: str, channels: Sequence[int], n_classes: int):
+    """The recipe of a compare's CPM method (``name`` or ``name:head``) and fresh heads of its kind."""
+    name, head = method_head(method, config.get("cpm_head", "prototype"))
     rec = recipe(
-        method,
-        head_dim=config["head_dim"],
+        name,
+        head="prototype" if head == "prototype" else "grid",
+        head_dim=config["head_dim"] if head != "sdn" else None,
         n_prototypes=config["n_prototypes"],
         margin_mode=config["margin_mode"],
         min_support=config["min_support"],
     )
+    pool = (config.get("cache") or {}).get("pool")
+    if head == "sdn":
+        return rec, [ZTWHead(c, n_classes, cascading=False, max_size=pool) for c in channels]
+    return rec, [make_head(c, n_classes, rec) for c in channels]
+
+
+def _cpm_point_set(ctx: dict, method: str, seed: int, sw: dict, params: list[float]):
+    """(cascade, thresholds, profile, simulated decisions) of a CPM method's heads at the given margins."""
+    config, work, bb, session = ctx["config"], ctx["work"], ctx["bb"], ctx["session"]
+    rec, fresh = _cpm_heads(config, method, bb.branch_channels, bb.n_classes)
     trained_as = sw.get("info", {}).get("heads_trained_as", method)
     heads = nn.ModuleList()
-    for k, ch in enumerate(bb.branch_channels):
+    for k, h in enumerate(fresh):
         path = work / "runs" / f"{trained_as}_seed{seed}" / f"branch_{k + 1}" / "head.safetensors"
         if not path.is_file():
             raise _missing(path, work)
-        h = make_head(ch, bb.n_classes, rec)
         h.load_state_dict(io.load_state_file(path)[0])
         heads.append(h.eval())
-    device, va = session.device, ctx["val"]
+    device, va = session.device, ctx["calibration"]
     zv = branch_logits(heads, va, device=device)
     thr_all = calibrate(
         zv,
@@ -251,11 +270,11 @@ def _measure_compare(cfg: MeasureConfig) -> int:
         wanted = torch.linspace(float(c[0]), float(c[1]), int(c[2]), dtype=torch.float64).tolist()
     try:
         targets = [float(v) for v in cfg.baseline_reductions.split(",") if v.strip()]
-        losses = [float(v) for v in cfg.baseline_losses.split(",") if v.strip()]
+        losses = [float(v) for v in cfg.losses.split(",") if v.strip()]
     except ValueError:
         raise ValueError(
-            "baseline_reductions, baseline_losses: expected comma lists of numbers, got "
-            f"{cfg.baseline_reductions!r} / {cfg.baseline_losses!r}"
+            "baseline_reductions, losses: expected comma lists of numbers, got "
+            f"{cfg.baseline_reductions!r} / {cfg.losses!r}"
         ) from None
     out = Path(cfg.out) if cfg.out else src
     source = {
@@ -267,12 +286,21 @@ def _measure_compare(cfg: MeasureConfig) -> int:
     seed_everything(0)  # as `calexnet compare` does before it builds the backbone (matters for --random-init)
     splits = load_splits(dict(config["dataset"]), spec_normalization(spec), cfg.data_dir)
     bb = build_backbone(spec)
-    session = Session(cfg, bb, splits)
-    cache_cfg = CacheConfig.from_json(config["cache"])
-    if session.dtype != torch.float32:  # its features would not match the compare's cache: never overwrite it
-        cache_cfg.storage = "memory"
-    va = cache_cfg.build(session.trained, splits.val, "val", work, device=session.device, progress=session.progress)
-    ctx = {"config": config, "work": work, "bb": bb, "session": session, "val": va, "seg": segment_flops(bb)}
+    protocol = config.get("protocol") or {"calibration": "val"}
+    cal_rows = None
+    if protocol["calibration"] == "test-half":  # the compare's halves: calibrate on one, measure the other
+        _, cal_rows = stratified_split(splits.test.labels, 0.5, seed=protocol["calibration_seed"])
+    session = Session(cfg, bb, splits, calibration_rows=cal_rows)
+    calibration = session.calibration
+    if calibration is None:
+        cache_cfg = CacheConfig.from_json(config["cache"])
+        if session.dtype != torch.float32:  # its features would not match the compare's cache: never overwrite it
+            cache_cfg.storage = "memory"
+        calibration = cache_cfg.build(
+            session.trained, splits.val, "val", work, device=session.device, progress=session.progress
+        )
+    ctx = {"config": config, "work": work, "bb": bb, "session": session, "calibration": calibration}
+    ctx["seg"] = segment_flops(bb)
     previous = previous_runs(out, cfg, session)
     measured: dict[tuple[str, int], dict] = {}
 
@@ -291,11 +319,12 @@ def _measure_compare(cfg: MeasureConfig) -> int:
                 log.info(f"{method} seed {seed}: not in results.json; skipped")
                 continue
             t1 = time.time()
-            cpm = method in CPM_METHODS
+            cpm = method not in BASELINE_NAMES
+            bb_acc = results["backbone"]["test_accuracy"]
             if cpm:
-                params = [float(m) for m in wanted]
+                params = sorted({float(m) for m in wanted} | set(_envelope_params(sw, [], losses, bb_acc)))
             else:
-                params = _baseline_taus(sw, targets, losses, results["backbone"]["test_accuracy"])
+                params = _envelope_params(sw, targets, losses, bb_acc)
             old = previous.get((method, seed))
             if old is not None and [p["param"] for p in old["points"]] == params:
                 measured[(method, seed)] = old

@@ -59,8 +59,9 @@ class MeasureConfig:
     ``compare`` (the output directory of ``calexnet compare``; with ``work_dir``, ``methods``, ``seeds`` as
     comma lists, default: all it ran). Points: ``margins`` (a comma list, ``START:STOP:COUNT`` or ``"all"``;
     a run measures the calibrated margins closest to these), ``baseline_reductions`` (per target FLOPs
-    reduction, the baseline's Pareto-envelope point nearest to it), ``baseline_losses`` (per accuracy loss,
-    the envelope point with the largest reduction within it). Output: ``out`` (default: the source). Timing:
+    reduction, the baseline's Pareto-envelope point nearest to it), ``losses`` (``compare``, every method:
+    per accuracy loss, the envelope point with the largest reduction within it). Output: ``out`` (default:
+    the source). Timing:
     ``batch_size``, ``repeats``, ``warmup``, ``timing_images`` (0: all), ``max_extra_rounds``, ``dtype``
     (a key of :data:`DTYPES`), ``channels_last`` (``None``: on), ``fold`` (BatchNorm of the frozen stages
     folded into the convolutions, for the backbone and the cascade alike: the inference form). Modes:
@@ -79,7 +80,7 @@ class MeasureConfig:
     seeds: str | None = None
     margins: str = DEFAULT_MARGINS
     baseline_reductions: str = DEFAULT_BASELINE_REDUCTIONS
-    baseline_losses: str = ""
+    losses: str = ""
     out: str | None = None
     batch_size: int = 256
     repeats: int = 5
@@ -119,9 +120,11 @@ class MeasureConfig:
 
 
 def margin_list(text: str) -> list[float] | None:
-    """The margins of ``MeasureConfig.margins`` (``None`` for ``"all"``)."""
+    """The margins of ``MeasureConfig.margins`` (``None`` for ``"all"``, none for ``"none"``)."""
     if text.strip() == "all":
         return None
+    if text.strip() == "none":
+        return []
     return [float(v) for v in parse_margins(text)]
 
 
@@ -136,10 +139,11 @@ class Session:
     ``bb`` is the backbone in the inference form that is timed (BatchNorm folded unless ``fold`` is off;
     device, dtype, memory format): the cascades are built on its stages and the simulated evaluation uses its
     features, so real and simulated run the same arithmetic. ``trained`` is the backbone as trained (feature
-    caches shared with ``calexnet compare`` are built and checked with it).
+    caches shared with ``calexnet compare`` are built and checked with it). With ``calibration_rows`` (the
+    test rows that chose the thresholds) those rows form ``calibration`` and only the others are measured.
     """
 
-    def __init__(self, cfg: MeasureConfig, bb, splits) -> None:
+    def __init__(self, cfg: MeasureConfig, bb, splits, calibration_rows: torch.Tensor | None = None) -> None:
         self.device = torch.device(cfg.device) if cfg.device else default_device()
         self.dtype = DTYPES[cfg.dtype]
         self.channels_last = True if cfg.channels_last is None else bool(cfg.channels_last)
@@ -167,6 +171,15 @@ class Session:
         t0 = time.time()
         self.test = backbone_features(self.bb, x, cfg.batch_size, self.progress)
         self.test.labels = y
+        self.calibration = None
+        if calibration_rows is not None:  # the test half that calibrates; the other half is measured
+            keep = torch.ones(y.shape[0], dtype=torch.bool)
+            keep[calibration_rows] = False
+            rows = keep.nonzero().squeeze(1)
+            self.calibration = self.test.subset(calibration_rows)
+            self.test = self.test.subset(rows)
+            self.images, self.labels = x.index_select(0, rows.to(x.device)), y[rows]
+            y = self.labels
         self.backbone_accuracy = float((self.test.logits_tensor().argmax(1) == y).double().mean())
         log.info(
             f"backbone features of the test images in {time.time() - t0:.1f}s; accuracy {self.backbone_accuracy:.4f}"

@@ -6,6 +6,8 @@ two operating points achieves any point on the segment between them); below the 
 reduction its first accuracy applies (that point saves more and is at least as accurate); beyond its
 largest reduction the method cannot go (NaN). :func:`envelope_area` is the mean accuracy of the envelope
 over 30–70 % reduction (the area divided by the width; NaN if the envelope does not reach 70 %).
+:func:`reduction_at_accuracy` is the largest reduction the envelope reaches at or above an accuracy (read at
+the backbone's accuracy minus 1 and 2 points: "the reduction at ≤ 1 % loss").
 :func:`aggregate` gives mean ± std (sample std, ``ddof=1``) over seeds, :func:`summarize` all of it per method.
 """
 
@@ -26,12 +28,14 @@ __all__ = [
     "envelope_area",
     "envelope_value",
     "pareto_envelope",
+    "reduction_at_accuracy",
     "seed_summary",
     "summarize",
 ]
 
 REDUCTIONS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
 AREA_RANGE: tuple[float, float] = (0.3, 0.7)
+LOSSES: tuple[float, ...] = (0.01, 0.02)  # accuracy losses (fractions) at which the reached reduction is read
 
 
 def pareto_envelope(flops_reduction: Sequence[float], accuracy: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -103,15 +107,39 @@ def aggregate(values: Sequence[float]) -> dict:
     return {"mean": float(v.mean()), "std": std, "n": int(v.size), "values": v.tolist()}
 
 
-def seed_summary(sweep: SweepResult, reductions: Sequence[float] = REDUCTIONS, area_range=AREA_RANGE) -> dict:
-    """Envelope, accuracy at each reduction and area for one method and seed."""
+def reduction_at_accuracy(env_x: np.ndarray, env_y: np.ndarray, min_accuracy: float) -> float:
+    """The largest reduction on the envelope (linear between its points) whose accuracy is at least
+    ``min_accuracy``; 0 when no point reaches it (running the backbone alone: no reduction, no loss)."""
+    ok = np.flatnonzero(env_y >= min_accuracy)
+    if ok.size == 0:
+        return 0.0
+    i = int(ok[-1])
+    if i + 1 == env_x.size:
+        return float(env_x[i])
+    x0, x1, y0, y1 = env_x[i], env_x[i + 1], env_y[i], env_y[i + 1]
+    return float(x0 + (x1 - x0) * (y0 - min_accuracy) / (y0 - y1))
+
+
+def seed_summary(
+    sweep: SweepResult,
+    reductions: Sequence[float] = REDUCTIONS,
+    area_range=AREA_RANGE,
+    backbone_accuracy: float | None = None,
+) -> dict:
+    """Envelope, accuracy at each reduction, area and (given the backbone's accuracy) the reduction reached
+    at each of :data:`LOSSES` for one method and seed."""
     ex, ey = pareto_envelope(sweep.flops_reduction, sweep.accuracy)
-    return {
+    out = {
         "envelope": {"flops_reduction": ex.tolist(), "accuracy": ey.tolist()},
         "accuracy_at": {f"{r:g}": envelope_value(ex, ey, r) for r in reductions},
         "area": envelope_area(ex, ey, *area_range),
         "max_reduction": float(ex[-1]) if ex.size else float("nan"),
     }
+    if backbone_accuracy is not None:
+        out["reduction_at_loss"] = {
+            f"{loss:g}": reduction_at_accuracy(ex, ey, backbone_accuracy - loss) for loss in LOSSES
+        }
+    return out
 
 
 def summarize(
@@ -119,6 +147,7 @@ def summarize(
     reductions: Sequence[float] = REDUCTIONS,
     area_range: tuple[float, float] = AREA_RANGE,
     band_grid: np.ndarray | None = None,
+    backbone_accuracy: float | None = None,
 ) -> dict:
     """Per method: per-seed envelopes and metrics, their mean ± std, and the seed band on a grid.
 
@@ -127,16 +156,19 @@ def summarize(
         reductions: where accuracy is read off the envelopes.
         area_range: reduction range of the area.
         band_grid: reductions of the band (default 0 … 0.8 by 0.005).
+        backbone_accuracy: the backbone's accuracy on the same images: adds ``reduction_at_loss`` (the
+            reduction reached at each of :data:`LOSSES`), per seed and aggregated.
 
     Returns:
         ``{method: {"seeds": [...], "accuracy_at": {r: aggregate}, "area": aggregate,
-        "max_reduction": aggregate, "band": {"flops_reduction", "mean", "std"}}}``; band values are NaN
-        where any seed's envelope does not reach.
+        "max_reduction": aggregate, "band": {"flops_reduction", "mean", "std"}}}``, plus
+        ``reduction_at_loss`` with ``backbone_accuracy`` and ``exit_accuracy`` (per exit, aggregated) where
+        the sweeps' ``info`` records it; band values are NaN where any seed's envelope does not reach.
     """
     grid = np.round(np.arange(0.0, 0.8001, 0.005), 6) if band_grid is None else np.asarray(band_grid)
     out = {}
     for method, runs in sweeps.items():
-        per_seed = [seed_summary(s, reductions, area_range) for s in runs]
+        per_seed = [seed_summary(s, reductions, area_range, backbone_accuracy) for s in runs]
         curves = np.stack(
             [
                 envelope_value(
@@ -159,4 +191,11 @@ def summarize(
             "max_reduction": aggregate([p["max_reduction"] for p in per_seed]),
             "band": {"flops_reduction": grid.tolist(), "mean": mean.tolist(), "std": std.tolist()},
         }
+        if backbone_accuracy is not None:
+            out[method]["reduction_at_loss"] = {
+                f"{loss:g}": aggregate([p["reduction_at_loss"][f"{loss:g}"] for p in per_seed]) for loss in LOSSES
+            }
+        exit_acc = [(s.info or {}).get("exit_accuracy") for s in runs]
+        if exit_acc and all(a is not None for a in exit_acc):
+            out[method]["exit_accuracy"] = [aggregate(list(col)) for col in zip(*exit_acc, strict=True)]
     return out

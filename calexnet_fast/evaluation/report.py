@@ -238,6 +238,30 @@ def results_table(summary: dict, reductions: Sequence[float] = REDUCTIONS, area_
     return "\n".join(lines) + "\n"
 
 
+def exits_table(summary: dict, head_flops: dict[str, list[float]] | None = None, backbone_flops: float = 0.0) -> str:
+    """Markdown: each exit's own accuracy (%, mean ± std over seeds; the sweeps' ``exit_accuracy``) and the
+    FLOPs reduction reached within 1 and 2 points of the backbone's accuracy (``reduction_at_loss``), per
+    method; with ``head_flops`` (method -> per-head FLOPs) and ``backbone_flops``, each head's cost in % of
+    the backbone. Methods without those entries are left out."""
+    rows = [(m, s) for m, s in summary.items() if "exit_accuracy" in s and "reduction_at_loss" in s]
+    if not rows:
+        return ""
+    k_count = len(rows[0][1]["exit_accuracy"])
+    head = "| method | " + " | ".join(f"exit {k + 1} acc" for k in range(k_count))
+    head += " | reduction @ ≤ 1 pt loss | reduction @ ≤ 2 pt loss |"
+    with_cost = bool(head_flops) and backbone_flops > 0
+    if with_cost:
+        head += " head FLOPs, % of backbone |"
+    lines = [head, "|" + " --- |" * (k_count + 3 + with_cost)]
+    for m, s in rows:
+        cells = [_pct(a) for a in s["exit_accuracy"]]
+        cells += [_pct(s["reduction_at_loss"][k]) for k in ("0.01", "0.02")]
+        if with_cost:
+            cells.append(" / ".join(f"{100 * f / backbone_flops:.2f}" for f in head_flops.get(m, [])))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _mode_words(mode: str) -> str:
     return "per batch" if mode == "batch" else "streaming"
 

@@ -114,6 +114,29 @@ class FoldedHead(nn.Module):
     def n_classes(self) -> int:
         return self.cls_weight.shape[0]
 
+    def operands(self, dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        """The buffers in the fused kernels' argument order ``(proj_weight, proj_bias, prototypes, cls_weight,
+        cls_bias)``.
+
+        Args:
+            dtypes: five dtypes, one per buffer (for example
+                ``calexnet_fast.kernels.proto_head_operand_dtypes(features.dtype)``): the buffers are returned
+                cast to them and contiguous, computed once per head and ``dtypes`` and recomputed whenever a
+                buffer is replaced or modified in place. ``None``: the buffers themselves.
+        """
+        bufs = (self.proj_weight, self.proj_bias, self.prototypes, self.cls_weight, self.cls_bias)
+        if dtypes is None:
+            return bufs
+        if len(dtypes) != len(bufs):
+            raise ValueError(f"dtypes: expected {len(bufs)} dtypes (one per buffer), got {len(dtypes)}")
+        key = tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+        cache = _operand_cache.setdefault(self, {})
+        hit = cache.get(tuple(dtypes))
+        if hit is None or hit[0] != key:
+            hit = (key, tuple(b.to(d).contiguous() for b, d in zip(bufs, dtypes, strict=True)))
+            cache[tuple(dtypes)] = hit
+        return hit[1]
+
 
 class FoldedPrototypeHead(FoldedHead):
     """Inference form of ``PrototypePoolingHead`` (what the fused kernel consumes).
@@ -139,29 +162,6 @@ class FoldedPrototypeHead(FoldedHead):
         cls_bias: torch.Tensor,
     ) -> None:
         super().__init__(proj_weight, proj_bias, prototypes, cls_weight, cls_bias, lambda c, k, d: 2 * k + d)
-
-    def operands(self, dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[torch.Tensor, ...]:
-        """The buffers in the fused kernel's argument order ``(proj_weight, proj_bias, prototypes, cls_weight,
-        cls_bias)``.
-
-        Args:
-            dtypes: five dtypes, one per buffer (for example
-                ``calexnet_fast.kernels.proto_head_operand_dtypes(features.dtype)``): the buffers are returned
-                cast to them and contiguous, computed once per head and ``dtypes`` and recomputed whenever a
-                buffer is replaced or modified in place. ``None``: the buffers themselves.
-        """
-        bufs = (self.proj_weight, self.proj_bias, self.prototypes, self.cls_weight, self.cls_bias)
-        if dtypes is None:
-            return bufs
-        if len(dtypes) != len(bufs):
-            raise ValueError(f"dtypes: expected {len(bufs)} dtypes (one per buffer), got {len(dtypes)}")
-        key = tuple((b.data_ptr(), b._version, b.device) for b in bufs)
-        cache = _operand_cache.setdefault(self, {})
-        hit = cache.get(tuple(dtypes))
-        if hit is None or hit[0] != key:
-            hit = (key, tuple(b.to(d).contiguous() for b, d in zip(bufs, dtypes, strict=True)))
-            cache[tuple(dtypes)] = hit
-        return hit[1]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages

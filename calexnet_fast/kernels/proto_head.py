@@ -27,11 +27,18 @@ import contextlib
 
 import torch
 
-from ..exit_rule import check_thresholds
 from ..reference import proto_head_exit_reference
-from ._triton import cuda_usable, interpreting, kernel_module, next_pow2, warn_fallback_once
-
-_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._triton import (
+    channel_block,
+    check_head_args,
+    cuda_usable,
+    dot_pad,
+    dot_precision,
+    head_exit_outputs,
+    interpreting,
+    kernel_module,
+    warn_fallback_once,
+)
 
 
 def proto_head_launch_config(
@@ -92,13 +99,11 @@ def proto_head_launch_config(
     These are reasoned first choices, not measured ones; ``python bench/proto_head.py --sweep`` on a GPU times the
     neighbouring configurations.
     """
-    d_pad = max(16, next_pow2(dim))
-    k_pad = max(16, next_pow2(n_prototypes))
+    d_pad = dot_pad(dim)
+    k_pad = dot_pad(n_prototypes)
     wide = d_pad > 128 or k_pad > 32
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    block_c = min(64 if sixteen_bit else 32, max(16, next_pow2(in_channels)))
-    while block_c > 16 and in_channels % block_c:
-        block_c //= 2
+    block_c = channel_block(in_channels, 64 if sixteen_bit else 32)
     even_c = in_channels % block_c == 0
     if sixteen_bit:
         c_static = even_c and not wide and -(-in_channels // block_c) <= 2
@@ -108,7 +113,7 @@ def proto_head_launch_config(
         p_cap, num_stages = (64 if even_c else 32), 2
     if wide:
         p_cap = 32
-    block_p = min(p_cap, max(16, next_pow2(hw)), max(16, (128 * 128) // d_pad))
+    block_p = min(p_cap, dot_pad(hw), max(16, (128 * 128) // d_pad))
     tile = (128 if sixteen_bit else 64) * 192 // (d_pad + 2 * k_pad)  # classifier tile budget, in classes
     nc_cap = max(16, min(128, 1 << (tile.bit_length() - 1)))
     return {
@@ -118,7 +123,7 @@ def proto_head_launch_config(
         "C_STATIC": c_static,
         "D_PAD": d_pad,
         "K_PAD": k_pad,
-        "BLOCK_NC": min(max(16, next_pow2(n_classes)), nc_cap),
+        "BLOCK_NC": min(dot_pad(n_classes), nc_cap),
         "num_warps": 8 if block_p * d_pad >= 32 * 128 else 4,
         "num_stages": num_stages,
     }
@@ -133,48 +138,10 @@ def _check(
     cls_bias: torch.Tensor,
     thresholds: torch.Tensor,
 ) -> None:
-    if not isinstance(features, torch.Tensor) or features.dim() != 4:
-        got = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-        raise ValueError(f"features: expected a 4-D tensor [N, C, H, W], got {got}")
-    if features.dtype not in _FEATURE_DTYPES:
-        raise ValueError(f"features: expected a dtype in {[str(d) for d in _FEATURE_DTYPES]}, got {features.dtype}")
-    named = [
-        ("proj_weight", proj_weight),
-        ("proj_bias", proj_bias),
-        ("prototypes", prototypes),
-        ("cls_weight", cls_weight),
-        ("cls_bias", cls_bias),
-        ("thresholds", thresholds),
-    ]
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if proj_weight.dim() != 2:
-        raise ValueError(f"proj_weight: expected a 2-D tensor [D, C], got shape {list(proj_weight.shape)}")
-    d, c = proj_weight.shape
-    if features.shape[1] != c:
-        raise ValueError(
-            f"features: expected {c} channels (dim 1, the head's in_channels), got {features.shape[1]} "
-            f"(shape {list(features.shape)})"
-        )
-    if features.shape[2] == 0 or features.shape[3] == 0:
-        raise ValueError(f"features: expected a non-empty H x W, got shape {list(features.shape)}")
-    if prototypes.dim() != 2 or prototypes.shape[1] != d:
-        raise ValueError(f"prototypes: expected shape [K, {d}], got {list(prototypes.shape)}")
-    k = prototypes.shape[0]
-    if list(proj_bias.shape) != [d]:
-        raise ValueError(f"proj_bias: expected shape [{d}], got {list(proj_bias.shape)}")
-    if cls_weight.dim() != 2 or cls_weight.shape[1] != 2 * k + d or cls_weight.shape[0] < 1:
-        raise ValueError(f"cls_weight: expected shape [n_classes, {2 * k + d}], got {list(cls_weight.shape)}")
-    nc = cls_weight.shape[0]
-    if list(cls_bias.shape) != [nc]:
-        raise ValueError(f"cls_bias: expected shape [{nc}], got {list(cls_bias.shape)}")
-    check_thresholds(thresholds, nc)
-    for name, t in named:
-        if t.device != features.device:
-            raise ValueError(f"{name}: expected device {features.device} (that of features), got {t.device}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+    check_head_args(
+        features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds, lambda c, k, d: 2 * k + d,
+        "2K + D",
+    )  # fmt: skip
 
 
 def _pixel_stride(x: torch.Tensor) -> int | None:
@@ -200,12 +167,6 @@ def proto_head_operand_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     return (dtype, torch.float32, sim, sim, torch.float32)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored by Triton for 16-bit operands
-
-
 def _kernel_arguments(
     features: torch.Tensor,
     proj_weight: torch.Tensor,
@@ -224,13 +185,7 @@ def _kernel_arguments(
     """
     n, c, h, w = features.shape
     d, k, nc = proj_weight.shape[0], prototypes.shape[0], cls_weight.shape[0]
-    dev = features.device
-    outputs = (
-        torch.empty((n, nc), dtype=torch.float32, device=dev),
-        torch.empty(n, dtype=torch.bool, device=dev),
-        torch.empty(n, dtype=torch.int64, device=dev),
-        torch.empty(n, dtype=torch.float32, device=dev),
-    )
+    outputs = head_exit_outputs(n, nc, features)
     x = features
     sp = _pixel_stride(x)
     if sp is None:
@@ -258,7 +213,7 @@ def _kernel_arguments(
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], NUM_C_CHUNKS=cfg["NUM_C_CHUNKS"],
         C_STATIC=cfg["C_STATIC"], EVEN_C=c % cfg["BLOCK_C"] == 0,
         D_PAD=cfg["D_PAD"], K_PAD=cfg["K_PAD"], BLOCK_NC=cfg["BLOCK_NC"],
-        DOT_UPCAST=dot_upcast, PREC=_dot_precision(dt),
+        DOT_UPCAST=dot_upcast, PREC=dot_precision(dt),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return args, kwargs, outputs
@@ -322,14 +277,7 @@ def _proto_head_exit_cpu(features, proj_weight, proj_bias, prototypes, cls_weigh
 @_proto_head_exit_op.register_fake
 def _proto_head_exit_fake(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds):
     _check(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
-    n = features.shape[0]
-    nc = cls_weight.shape[0]
-    return (
-        features.new_empty((n, nc), dtype=torch.float32),
-        features.new_empty((n,), dtype=torch.bool),
-        features.new_empty((n,), dtype=torch.int64),
-        features.new_empty((n,), dtype=torch.float32),
-    )
+    return head_exit_outputs(features.shape[0], cls_weight.shape[0], features)
 
 
 def proto_head_exit(

@@ -349,6 +349,8 @@ class CacheConfig:
         dtype: storage dtype of the features (``float16``, ``bfloat16``, ``float32``).
         batch_size: images per backbone forward.
         workers: DataLoader workers.
+        pool: branch maps stored average-pooled to at most ``pool`` x ``pool`` (``None``: full maps); see
+            :func:`~calexnet_fast.features.build_feature_cache`.
     """
 
     storage: str = "memory"
@@ -356,6 +358,7 @@ class CacheConfig:
     dtype: str = "float16"
     batch_size: int = 256
     workers: int = 0
+    pool: int | None = None
 
     def __post_init__(self) -> None:
         if self.dir is not None:
@@ -371,9 +374,10 @@ class CacheConfig:
     @classmethod
     def of_options(cls, options) -> CacheConfig:
         """From the feature-cache options of the commands, read as attributes of ``options`` (``cache``,
-        ``cache_dir``, ``cache_dtype``, ``feature_batch_size``, ``workers``: parsed arguments, a ``CompareConfig``)."""
+        ``cache_dir``, ``cache_dtype``, ``feature_batch_size``, ``workers``, optional ``cache_pool``: parsed
+        arguments, a ``CompareConfig``)."""
         o = options
-        return cls(o.cache, o.cache_dir, o.cache_dtype, o.feature_batch_size, o.workers)
+        return cls(o.cache, o.cache_dir, o.cache_dtype, o.feature_batch_size, o.workers, getattr(o, "cache_pool", None))
 
     def build(
         self, backbone: nn.Module, dataset, split: str, work_dir: str | Path, *, device=None, progress: bool = False
@@ -386,6 +390,7 @@ class CacheConfig:
             dataset,
             batch_size=self.batch_size,
             dtype=getattr(torch, self.dtype),
+            pool=self.pool,
             device=device,
             storage=self.storage,
             path=path,

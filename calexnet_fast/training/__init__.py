@@ -1,7 +1,8 @@
 """Training: the fit engine, its batch sources, and backbone training.
 
 * :mod:`~calexnet_fast.training.engine`: :func:`fit` (epochs over a batch source with a pluggable loss,
-  cosine schedule, per-epoch checkpoints and resume, DDP under ``torchrun``);
+  cosine schedule, per-epoch checkpoints and resume, early stopping on a validation loss, DDP under
+  ``torchrun``);
 * :mod:`~calexnet_fast.training.sources`: :class:`CacheSource` (batches of a feature cache) and
   :class:`DatasetSource` (batches of images);
 * :mod:`~calexnet_fast.training.backbone`: :func:`train_backbone` (a classifier trained on images).
@@ -11,7 +12,16 @@ The feature cache the heads train from (and :func:`~calexnet_fast.features.predi
 """
 
 from .backbone import BackboneTrainConfig, evaluate_classifier, train_backbone
-from .engine import CHECKPOINT_NAME, FitConfig, FitResult, epoch_order, fit, load_checkpoint, seed_everything
+from .engine import (
+    CHECKPOINT_NAME,
+    FitConfig,
+    FitResult,
+    epoch_order,
+    evaluate_loss,
+    fit,
+    load_checkpoint,
+    seed_everything,
+)
 from .sources import BatchSource, CachedBatch, CacheSource, DatasetSource, split_batches
 
 __all__ = [
@@ -25,6 +35,7 @@ __all__ = [
     "FitResult",
     "epoch_order",
     "evaluate_classifier",
+    "evaluate_loss",
     "fit",
     "load_checkpoint",
     "seed_everything",

@@ -36,6 +36,7 @@ __all__ = [
     "FitConfig",
     "FitResult",
     "epoch_order",
+    "evaluate_loss",
     "fit",
     "load_checkpoint",
     "seed_everything",
@@ -66,6 +67,9 @@ class FitConfig:
         warmup_epochs: linear warm-up length (fractional allowed).
         grad_clip: max gradient norm, or ``None``.
         seed: shuffling seed (epoch ``e`` uses permutation ``seed, e``; independent of global RNG state).
+        patience: early stopping: with a ``validate`` function given to :func:`fit`, stop once the validation
+            loss has not improved for ``patience`` epochs and keep the best epoch's weights (0: off; the
+            validation loss is still recorded and the best epoch kept).
     """
 
     epochs: int = 30
@@ -78,6 +82,7 @@ class FitConfig:
     warmup_epochs: float = 0.0
     grad_clip: float | None = None
     seed: int = 0
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -90,11 +95,14 @@ class FitConfig:
             raise ValueError(f"schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr}")
+        if self.patience < 0:
+            raise ValueError(f"patience: expected >= 0 epochs (0: no early stopping), got {self.patience}")
 
     @classmethod
     def of_options(cls, options, seed: int) -> FitConfig:
         """The optimisation options of ``calexnet train`` / ``calexnet compare`` (``epochs``, ``batch_size``,
-        ``optimizer``, ``lr``, ``weight_decay``, read as attributes of ``options``) with ``seed``."""
+        ``optimizer``, ``lr``, ``weight_decay``, optional ``patience``, read as attributes of ``options``) with
+        ``seed``."""
         o = options
         return cls(
             epochs=o.epochs,
@@ -103,16 +111,46 @@ class FitConfig:
             lr=o.lr,
             weight_decay=o.weight_decay,
             seed=seed,
+            patience=getattr(o, "patience", 0),
         )
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` did: per-epoch history (loss, lr, seconds, extra metrics) and where it resumed."""
+    """What :func:`fit` did: per-epoch history (loss, lr, seconds, ``val_loss`` with validation, extra
+    metrics), where it resumed, and with validation the epoch whose weights the model holds (``best_epoch``)
+    and whether early stopping ended it (``stopped_early``)."""
 
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
     epochs_run: int = 0
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    source: BatchSource,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    *,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+) -> float:
+    """The sample-weighted mean of ``loss_fn(model, batch)`` over every sample of ``source`` in order, with
+    ``model`` in eval mode (its mode is restored): the validation loss of early stopping."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in source.batches(torch.arange(len(source)), batch_size, device):
+            b = _batch_len(batch)
+            total += float(loss_fn(model, batch)) * b
+            count += b
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
 
 
 def _make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
@@ -232,6 +270,7 @@ def fit(
     find_unused_parameters: bool = False,
     amp_dtype: torch.dtype | None = None,
     compile_model: bool = False,
+    validate: Callable[[nn.Module], float] | None = None,
 ) -> FitResult:
     """Train ``model`` over ``source`` with ``loss_fn``; checkpoint every epoch; resume if asked.
 
@@ -254,9 +293,13 @@ def fit(
         compile_model: run the forward through ``torch.compile`` (fuses the element-wise work of heads;
             pays a one-off compile of tens of seconds, so it helps long runs). Checkpoints still hold the
             plain module's state dict.
+        validate: ``f(model) -> validation loss`` after every epoch (e.g. :func:`evaluate_loss` on a held-out
+            source; it must not draw random numbers). The model ends with the weights of the epoch of lowest
+            validation loss, and ``config.patience`` > 0 stops training once it has not improved for that many
+            epochs. Checkpoints hold the best weights too, so a resumed run ends the same.
 
     Returns:
-        :class:`FitResult`. The model holds the final weights.
+        :class:`FitResult`. The model holds the final weights (with ``validate``: the best epoch's).
 
     Raises:
         RuntimeError: the checkpoint in ``checkpoint_dir`` was written by a different configuration, or
@@ -274,6 +317,7 @@ def fit(
     ckpt_config = {"fit": asdict(config), "run": run_config or {}}
     result = FitResult()
     start_epoch = 0
+    best: dict = {"loss": math.inf, "epoch": None, "state": None, "stopped": False}
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckdir is not None and resume:
         found = load_checkpoint(ckdir)
@@ -291,6 +335,9 @@ def fit(
             start_epoch = int(saved["epoch"])
             result.history = list(saved.get("history", []))
             result.resumed_from_epoch = start_epoch
+            if "best" in saved:
+                best.update(saved["best"], loss=float(saved["best"]["loss"]))
+                best["state"] = {k[len("best/") :]: v for k, v in tensors.items() if k.startswith("best/")}
     wrapped: nn.Module = model
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -308,6 +355,8 @@ def fit(
     steps_per_epoch = len(split_batches(_rank_share(torch.arange(n), info), config.batch_size))
     total_steps = steps_per_epoch * config.epochs
     for epoch in range(start_epoch, config.epochs):
+        if best["stopped"]:
+            break
         t0 = time.perf_counter()
         model.train()
         order = _rank_share(epoch_order(n, config.seed, epoch), info)
@@ -355,8 +404,14 @@ def fit(
         }
         result.history.append(record)
         result.epochs_run += 1
+        if validate is not None:
+            record["val_loss"] = float(validate(model))
+            if record["val_loss"] < best["loss"]:
+                best.update(loss=record["val_loss"], epoch=epoch + 1)
+                best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best["stopped"] = config.patience > 0 and epoch + 1 - best["epoch"] >= config.patience
         if ckdir is not None and info.is_main:
-            _save_checkpoint(ckdir, model, optimizer, epoch + 1, result.history, ckpt_config)
+            _save_checkpoint(ckdir, model, optimizer, epoch + 1, result.history, ckpt_config, best)
         barrier()
         if on_epoch_end is not None:
             # hooks (validation, logging) must not shift the training RNG stream, or a resumed run would
@@ -367,7 +422,11 @@ def fit(
             if extra:
                 record.update(extra)
                 if ckdir is not None and info.is_main:  # keep the metrics in the saved history too
-                    _save_checkpoint(ckdir, model, optimizer, epoch + 1, result.history, ckpt_config)
+                    _save_checkpoint(ckdir, model, optimizer, epoch + 1, result.history, ckpt_config, best)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+        result.best_epoch = best["epoch"]
+        result.stopped_early = best["stopped"]
     return result
 
 
@@ -393,14 +452,16 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
     return "; ".join(diffs)
 
 
-def _save_checkpoint(ckdir: Path, model: nn.Module, optimizer, epoch: int, history: list, config: dict) -> None:
+def _save_checkpoint(
+    ckdir: Path, model: nn.Module, optimizer, epoch: int, history: list, config: dict, best: dict
+) -> None:
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     ot, oinfo = _optimizer_state_tensors(optimizer)
     rt, rinfo = _rng_state()
     tensors.update(ot)
     tensors.update(rt)
-    save_state_file(
-        ckdir / CHECKPOINT_NAME,
-        tensors,
-        {"epoch": epoch, "config": config, "history": history, "optimizer": oinfo, "rng": rinfo},
-    )
+    info = {"epoch": epoch, "config": config, "history": history, "optimizer": oinfo, "rng": rinfo}
+    if best["state"] is not None:
+        tensors.update({f"best/{k}": v for k, v in best["state"].items()})
+        info["best"] = {"loss": best["loss"], "epoch": best["epoch"], "stopped": best["stopped"]}
+    save_state_file(ckdir / CHECKPOINT_NAME, tensors, info)
