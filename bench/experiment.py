@@ -26,7 +26,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 METHODS = "calexnet,reference,reference+weights,reference+kd,reference+aligned,pteenet,ztw,boostnet,calexnet:sdn"
 PROTOCOL = [
-    "--flip", "--cache-pool", "8", "--calibration", "test-half", "--calibration-seed", "0",
+    "--flip", "--cache-pool", "8", "--calibration", "test-half", "--calibration-seed", "0", "--margins=-0.3:0.5:81",
     "--patience", "3", "--compile-heads", "--batch-size", "256", "--threads", "2",
 ]  # fmt: skip
 EPOCHS = 20

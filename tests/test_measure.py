@@ -225,6 +225,11 @@ def test_measure_compare_equals_the_compare_results(tmp_path):
     assert "speedup_at_m0.2" in speed["summary"]["calexnet"] and "speedup_at_m0.2" not in speed["summary"]["ztw"]
     assert "speedup_at_m0.2_streaming" in speed["summary"]["calexnet"]
     assert "max_speedup_within_loss_streaming" not in speed["summary"]["ztw"]
+    within = speed["summary"]["calexnet"]["max_speedup_within_streaming"]["0.02"]
+    floor = speed["backbone"]["test_accuracy"] - 0.02
+    best = max(p["speedup_streaming"] for p in speed["runs"][0]["points"] if p["accuracy"] >= floor)
+    assert within["values"] == [best] and "1.5" in speed["summary"]["ztw"]["accuracy_at_speedup"]
+    assert "| calexnet | streaming |" in (out / "speed_table.md").read_text()
     # --resume keeps what was measured with the same settings (and the other methods' runs), re-measures the rest
     again = ["measure", "--compare", str(out), "--margins=-0.02,0.5", *pick]
     assert cli.main([*again, *TIMING, "--resume", "--methods", "calexnet,ztw"]) == 0

@@ -21,7 +21,7 @@ from ..data import decode_images
 from ..distributed import default_device
 from ..features import backbone_features
 from .points import parse_margins, point_metrics
-from .report import margin_table, plot_speed, points_table, speed_table
+from .report import headline_table, margin_table, plot_speed, points_table, speed_table
 from .speed import MODES, frontiers, headline, measure_points
 from .timing import CPU_ENERGY_NOTE, PowerMeter, TimingConfig, environment, noisy
 
@@ -230,7 +230,9 @@ def write_outputs(out: Path, payload: dict, title: str) -> None:
             backbone_accuracy=payload["backbone"]["test_accuracy"],
             title=title,
         )
-        tables = [speed_table(payload["summary"]), margin_table(payload["runs"]), points_table(payload["runs"])]
+        summary = payload["summary"]
+        tables = [headline_table(summary), speed_table(summary), margin_table(payload["runs"])]
+        tables.append(points_table(payload["runs"]))
         io.write_text(out / "speed_table.md", "\n".join(tables))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .pareto import AREA_RANGE, REDUCTIONS, aggregate, pareto_envelope
-from .speed import MODES, mode_key
+from .speed import HEADLINE_LOSSES, HEADLINE_SPEEDUPS, MODES, mode_key
 
 __all__ = [
     "margin_table",
@@ -282,6 +282,26 @@ def speed_table(summary: dict, canonical_margin: float = 0.2) -> str:
         cells = ["–" if v is None else mean_std(v, unit="×") for v in best + at_m]  # –: mode not measured
         cells += [mean_std(s.get(f"accuracy_at_{tag}"), scale=100.0), str(n)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def headline_table(summary: dict) -> str:
+    """Markdown: per method and measured mode, the largest measured speedup within each accuracy loss of
+    :data:`~.speed.HEADLINE_LOSSES` and the accuracy at each measured speedup of
+    :data:`~.speed.HEADLINE_SPEEDUPS` (mean ± std over seeds; "n/a" where a seed has no such point)."""
+    head = ["method", "mode"] + [f"speedup @ ≤ {100 * loss:g} pt loss" for loss in HEADLINE_LOSSES]
+    head += [f"accuracy (%) @ ≥ {x:g}×" for x in HEADLINE_SPEEDUPS] + ["seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for method, s in summary.items():
+        for mode in MODES:
+            within = s.get(mode_key(mode, "max_speedup_within"))
+            if within is None:
+                continue
+            acc = s[mode_key(mode, "accuracy_at_speedup")]
+            cells = [mean_std(within[f"{loss:g}"], unit="×", missing="seeds have none") for loss in HEADLINE_LOSSES]
+            cells += [mean_std(acc[f"{x:g}"], scale=100.0, missing="seeds reach none") for x in HEADLINE_SPEEDUPS]
+            n = within[f"{HEADLINE_LOSSES[0]:g}"]["n"]
+            lines.append(f"| {method} | {_mode_words(mode)} | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines) + "\n"
 
 

@@ -282,11 +282,23 @@ def _speedups(points: list[dict], mode: str) -> list[dict]:
     return [p for p in points if p.get(key) is not None]
 
 
+HEADLINE_LOSSES: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)  # accuracy losses of the headline table
+HEADLINE_SPEEDUPS: tuple[float, ...] = (1.5, 2.0)  # measured speedups the headline reads accuracy at
+
+
+def _best_within(points: list[dict], key: str, floor: float) -> dict | None:
+    ok = [p for p in points if p["accuracy"] >= floor - 1e-12]
+    return max(ok, key=lambda p: p[key]) if ok else None
+
+
 def headline(runs: list[dict], backbone_accuracy: float, max_loss: float = 0.01, canonical_margin: float = 0.2) -> dict:
     """Per method and measured mode: the largest measured speedup with accuracy >= backbone - ``max_loss`` and
     the speedup at ``m = canonical_margin`` (CPM methods), each as mean ± std over seeds
     (:func:`~.pareto.aggregate`); keys named by :func:`mode_key` (``max_speedup_within_loss`` per batch,
-    ``max_speedup_within_loss_streaming``, ...). A mode no run of a method was measured in is left out.
+    ``max_speedup_within_loss_streaming``, ...). Also per mode ``max_speedup_within`` (the same for each of
+    :data:`HEADLINE_LOSSES`, keyed ``"0.005"`` ...) and ``accuracy_at_speedup`` (per speedup of
+    :data:`HEADLINE_SPEEDUPS`, keyed ``"1.5"`` ...: the highest accuracy among the points measured at least
+    that fast; NaN for a seed with none). A mode no run of a method was measured in is left out.
 
     Args:
         runs: ``{"method", "seed", "param_name", "points": [...]}`` as in ``speed.json``.
@@ -309,10 +321,17 @@ def headline(runs: list[dict], backbone_accuracy: float, max_loss: float = 0.01,
                 continue
             key = mode_key(mode, "speedup")
             best, best_pts, at_m = [], [], []
+            within = {f"{loss:g}": [] for loss in HEADLINE_LOSSES}
+            fast_acc = {f"{x:g}": [] for x in HEADLINE_SPEEDUPS}
             for r in method_runs:
                 points = _speedups(r["points"], mode)
-                ok = [p for p in points if p["accuracy"] >= backbone_accuracy - max_loss - 1e-12]
-                top = max(ok, key=lambda p: p[key]) if ok else None
+                for loss in HEADLINE_LOSSES:
+                    hit = _best_within(points, key, backbone_accuracy - loss)
+                    within[f"{loss:g}"].append(hit[key] if hit else float("nan"))
+                for x in HEADLINE_SPEEDUPS:
+                    fast = [p["accuracy"] for p in points if p[key] >= x]
+                    fast_acc[f"{x:g}"].append(max(fast) if fast else float("nan"))
+                top = _best_within(points, key, backbone_accuracy - max_loss)
                 best.append(top[key] if top else float("nan"))
                 best_pts.append(
                     {k: top[k] for k in ("param", "accuracy", "flops_reduction", "ideal_speedup")} if top else None
@@ -322,6 +341,8 @@ def headline(runs: list[dict], backbone_accuracy: float, max_loss: float = 0.01,
                     if hit:
                         at_m.append(hit[0][key])
             entry[mode_key(mode, "max_speedup_within_loss")] = aggregate(best)
+            entry[mode_key(mode, "max_speedup_within")] = {k: aggregate(v) for k, v in within.items()}
+            entry[mode_key(mode, "accuracy_at_speedup")] = {k: aggregate(v) for k, v in fast_acc.items()}
             entry[mode_key(mode, "max_speedup_points")] = best_pts
             if at_m:
                 entry[mode_key(mode, f"speedup_at_{tag}")] = aggregate(at_m)
