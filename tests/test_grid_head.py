@@ -217,7 +217,8 @@ def test_cascade_matches_reference_cascade(quantile, device, grid_head):
 
 
 def test_recipe_selects_the_head_and_runs_save_and_load_it(tmp_path, grid_head):
-    assert Recipe().head == "prototype" and Recipe().head_dim == 128
+    assert Recipe().head == "grid" and Recipe().head_dim == 32  # the default head
+    assert Recipe(head="prototype").head_dim == 128
     r = Recipe(head="grid")
     assert r.head_dim == 32 and Recipe.from_json(r.to_json()) == r
     head = make_head(16, 10, r, seed=3)
