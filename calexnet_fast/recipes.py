@@ -383,8 +383,8 @@ def train_branches(
     Args:
         train_cache: features of the training split (the heads learn from it).
         val_cache: features of the validation split: the ``m_train`` calibration reads it, and with
-            ``fit_config.patience`` > 0 each head stops early on its loss there (the recipe's loss without
-            survivor weights) and keeps its best epoch.
+            ``fit_config.patience`` > 0 each head stops early on the recipe's loss there (with the survivor
+            weights of the validation samples, computed as the training ones) and keeps its best epoch.
         recipe: the :class:`Recipe`.
         fit_config: optimisation settings for each head (``seed`` also seeds head ``k``'s initialisation
             as ``seed * 1000 + k``).
@@ -459,7 +459,12 @@ def train_branches(
 
             validate = None
             if fit_config.patience > 0:
-                val_source = CacheSource(val_cache, branches=[k])
+                val_weights = None
+                if weights is not None:  # the survivors of the validation split, weighted the same way
+                    val_weights = survivor_weights(
+                        val_logits, thresholds, recipe.weighting, recipe.weight_temperature, recipe.weight_floor
+                    )
+                val_source = CacheSource(val_cache, val_weights, branches=[k])
 
                 def validate(model, _loss=loss_fn, _src=val_source):
                     return evaluate_loss(model, _src, _loss, device=device)

@@ -326,3 +326,24 @@ def test_a_recipe_whose_weights_act_records_the_exit_share(recwarn):
     stats = res.weight_stats[1]
     assert stats["exiting_classes"][0] > 0 and stats["train_exit_share"] >= recipes.DEGENERATE_EXIT_SHARE
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning) and "m_train" in str(w.message)]
+
+
+def test_early_stopping_judges_a_weighted_branch_on_weighted_validation_survivors():
+    """With patience, each head keeps its epoch of lowest validation loss; for a weighted branch that loss is
+    the recipe's loss on the validation samples weighted as survivors, the way the training samples are."""
+    tr, va = make_caches()
+    rec = recipes.recipe("calexnet", **SMALL)
+    res = recipes.train_branches(tr, va, rec, FitConfig(epochs=6, batch_size=32, lr=3e-2, patience=2), progress=False)
+    z1_val = head_logits(res.heads[0], va, 0)
+    w_val = survivor_weights([z1_val], res.train_thresholds, "soft", 0.05, 1e-3)
+    best = min(r["val_loss"] for r in res.history[1])
+    feats, z, y = va.gather(torch.arange(len(va)), [1])
+    batch = CachedBatch(feats, z, y, w_val, torch.arange(len(va)))
+    with torch.no_grad():
+        got = recipes.branch_loss(res.heads[1](feats[1].float()), batch, rec)
+        plain = CachedBatch(feats, z, y, None, batch.index)
+        unweighted = recipes.branch_loss(res.heads[1](feats[1].float()), plain, rec)
+    assert float(got) == pytest.approx(best, rel=1e-4)
+    assert float(unweighted) != pytest.approx(best, rel=1e-3)
+    for hist in res.history:
+        assert all("val_loss" in r for r in hist)
