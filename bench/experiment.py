@@ -9,7 +9,10 @@ thresholds chosen on a stratified half of the test split, accuracy reported on t
 picks, per method family, the rate with the lowest validation loss (never a test number): the reference
 recipe stands for every CPM recipe with the grid head, ``reference:sdn`` for the SDN-head row, and each
 baseline for itself. It writes ``lr_search.json`` to ``--out``. ``run`` runs the comparison (8 methods + the
-SDN-head row x 3 seeds) with those rates. ``all`` does both.
+SDN-head row x 3 seeds) with those rates. ``measure`` times the real cascades of the comparison on the reported
+test half in both modes (``calexnet measure``: per method and seed the Pareto-envelope points within 0.5, 1, 2
+and 5 points of the backbone's accuracy; CalexNet, ZTW and BoostNet for every seed, the reference and PTEEnet
+for seed 0) and writes ``speed.json``, ``speed.png`` and ``speed_table.md`` to ``--out``. ``all`` does the three.
 
     python bench/experiment.py all --out docs/results --work /work/cache/full/work --features /work/cache/full/features
 """
@@ -113,9 +116,24 @@ def run(args: argparse.Namespace) -> None:
     _call(compare_argv(args, Path(args.work), Path(args.out), extra))
 
 
+MEASURE = [
+    "--margins", "none", "--losses", "0.005,0.01,0.02,0.05", "--baseline-reductions=", "--timing-images", "1536",
+    "--repeats", "3", "--threads", "2", "--quiet",
+]  # fmt: skip
+MEASURED = (("calexnet,ztw,boostnet", "0,1,2"), ("reference,pteenet", "0"))
+
+
+def measure(args: argparse.Namespace) -> None:
+    out = str(args.out)
+    for i, (methods, seeds) in enumerate(MEASURED):
+        argv = [sys.executable, "-m", "calexnet_fast.cli", "measure", "--compare", out, "--work-dir", str(args.work)]
+        argv += ["--out", out, *MEASURE, "--methods", methods, "--seeds", seeds] + (["--resume"] if i else [])
+        _call(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("lr-search", "run", "all"))
+    p.add_argument("command", choices=("lr-search", "run", "measure", "all"))
     p.add_argument("--data-root", default=str(DEFAULT_DATA), help="the shared data folder (default ../shared/data)")
     p.add_argument("--out", required=True, help="results.json, figures, table.md and lr_search.json go here")
     p.add_argument("--work", required=True, help="trained heads and checkpoints (resumable)")
@@ -126,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         lr_search(args)
     if args.command in ("run", "all"):
         run(args)
+    if args.command in ("measure", "all"):
+        measure(args)
     return 0
 
 
