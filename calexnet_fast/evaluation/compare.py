@@ -2,8 +2,9 @@
 
 :func:`run_compare` (``calexnet compare``) computes the backbone's branch features once per split (the
 feature cache), trains every method for every seed from them (CPM recipes: :func:`~calexnet_fast.recipes.
-train_branches`; baselines: :func:`~calexnet_fast.baselines.train_baseline`), calibrates on the validation
-split and sweeps the operating parameter on the test split (:mod:`.points`), and writes ``results.json``
+train_branches`; baselines: :func:`~calexnet_fast.baselines.train_baseline`), chooses thresholds on one
+stratified half of the test split (or on the validation split, ``calibration="val"``) and sweeps the operating
+parameter on the other half (or the whole test split) (:mod:`.points`), and writes ``results.json``
 (every operating point, Pareto envelopes, accuracy at 30-70 % reduction, area, mean ± std over seeds),
 ``pareto.png`` / ``pareto.svg`` and ``table.md`` (the Pareto table, then per-exit accuracies, the reduction
 reached within 1 and 2 points of the backbone's accuracy and each head's cost) to ``out``.
@@ -109,7 +110,7 @@ class CompareConfig:
     head_dim: int | None = None
     n_prototypes: int = 32
     cpm_head: str = "grid"
-    margins: str = "0:1:101"
+    margins: str = "-0.3:0.5:81"
     margin_mode: str = "additive"
     min_support: int = 20
     thresholds: int = 101
