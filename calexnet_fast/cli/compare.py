@@ -6,7 +6,8 @@ import argparse
 from dataclasses import fields
 
 from ..evaluation import CPM_METHODS, DEFAULT_METHODS, CompareConfig, run_compare
-from ..evaluation.compare import CALIBRATIONS, CPM_HEADS
+from ..evaluation.compare import CPM_HEADS
+from ..evaluation.protocol import CALIBRATIONS
 from .common import add_backbone_args, add_cache_args, add_data_args, add_execution_args, setup
 
 NAME = "compare"

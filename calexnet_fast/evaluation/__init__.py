@@ -8,6 +8,8 @@
   disturbed rounds, energy), also used by ``bench/``;
 * :mod:`~calexnet_fast.evaluation.speed`: the real cascade at every operating point, timed against the backbone;
 * :mod:`~calexnet_fast.evaluation.report`: figures and Markdown tables in one style;
+* :mod:`~calexnet_fast.evaluation.protocol`: where thresholds are chosen and where they are judged (test halves
+  or the validation split);
 * :mod:`~calexnet_fast.evaluation.compare`: the ``calexnet compare`` engine (:class:`CompareConfig`,
   :func:`run_compare`);
 * :mod:`~calexnet_fast.evaluation.measure` (+ :mod:`~calexnet_fast.evaluation.measure_session`): the

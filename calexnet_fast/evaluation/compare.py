@@ -29,7 +29,7 @@ import torch
 
 from .. import io
 from ..baselines import BASELINE_NAMES, BaselineConfig, ZTWHead, train_baseline
-from ..data import stratified_split, stratified_subset
+from ..data import stratified_subset
 from ..distributed import default_device, init_distributed
 from ..features import branch_logits
 from ..flops import FlopsProfile, head_flops, segment_flops
@@ -38,6 +38,7 @@ from ..run import CacheConfig, data_and_backbone, versions
 from ..training import FitConfig, seed_everything
 from .pareto import AREA_RANGE, REDUCTIONS, aggregate, seed_summary, summarize
 from .points import SweepResult, parse_margins, sweep_cpm, sweep_global_threshold, threshold_grid
+from .protocol import Protocol, check_calibration
 from .report import exits_table, plot_envelopes, results_table
 
 __all__ = ["CPM_METHODS", "DEFAULT_METHODS", "CompareConfig", "method_head", "run_compare"]
@@ -303,45 +304,6 @@ class _CpmTrainer:
         return self.shared[key]
 
 
-CALIBRATIONS = ("test-half", "val")
-
-
-class _Protocol:
-    """Where thresholds are chosen and where they are judged (``CompareConfig.calibration``).
-
-    ``"test-half"``: a stratified half of the test split (``calibration_seed``) calibrates, the other half is
-    reported; ``"val"``: the validation split calibrates, the whole test split is reported."""
-
-    def __init__(self, cfg: CompareConfig, va, te) -> None:
-        y_test, z_test = te.labels_tensor(), te.logits_tensor()
-        self.mode = cfg.calibration
-        if self.mode == "test-half":
-            self.eval_idx, self.cal_idx = stratified_split(y_test, 0.5, seed=cfg.calibration_seed)
-            self.y_cal, self.z_cal = y_test[self.cal_idx], z_test[self.cal_idx]
-            self.y_eval, self.z_eval = y_test[self.eval_idx], z_test[self.eval_idx]
-        else:
-            self.eval_idx = self.cal_idx = None
-            self.y_cal, self.z_cal = va.labels_tensor(), va.logits_tensor()
-            self.y_eval, self.z_eval = y_test, z_test
-        self.seed = cfg.calibration_seed
-
-    def calibration_rows(self, on_val: torch.Tensor, on_test: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """The calibration rows, given a quantity on the validation and on the test split (rows on ``dim``)."""
-        return on_val if self.cal_idx is None else on_test.index_select(dim, self.cal_idx)
-
-    def eval_rows(self, on_test: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """The reported rows of a quantity on the test split (rows on ``dim``)."""
-        return on_test if self.eval_idx is None else on_test.index_select(dim, self.eval_idx)
-
-    def to_json(self) -> dict:
-        return {
-            "calibration": self.mode,
-            "calibration_seed": self.seed if self.mode == "test-half" else None,
-            "n_calibration": int(self.y_cal.numel()),
-            "n_reported": int(self.y_eval.numel()),
-        }
-
-
 def run_compare(cfg: CompareConfig) -> int:
     """``calexnet compare``: train and evaluate methods x seeds for one backbone and dataset.
 
@@ -365,8 +327,7 @@ def run_compare(cfg: CompareConfig) -> int:
     device = torch.device(cfg.device) if cfg.device else default_device()
     if device.type == "cpu":  # NHWC convolutions are faster on CPU; the cached features are the same values
         bb = bb.to(memory_format=torch.channels_last)
-    if cfg.calibration not in CALIBRATIONS:
-        raise ValueError(f"calibration: expected one of {CALIBRATIONS}, got {cfg.calibration!r}")
+    check_calibration(cfg.calibration)
     train_set = splits.train
     train_name = "train"
     if cfg.train_subset:
@@ -390,7 +351,7 @@ def run_compare(cfg: CompareConfig) -> int:
     )
     t_features = time.time() - t0
     seg = segment_flops(bb)
-    protocol = _Protocol(cfg, va, te)
+    protocol = Protocol(cfg.calibration, cfg.calibration_seed, va, te)
     y_cal, z_cal, y_eval, z_eval = protocol.y_cal, protocol.z_cal, protocol.y_eval, protocol.z_eval
     backbone_acc = float((z_eval.argmax(1) == y_eval).double().mean())
     base_cfg = BaselineConfig(

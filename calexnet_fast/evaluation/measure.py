@@ -45,7 +45,6 @@ from ..baselines import (
 )
 from ..calibration import calibrate
 from ..cascades import Cascade, ScoreCascade
-from ..data import stratified_split
 from ..features import branch_logits
 from ..flops import FlopsProfile, segment_flops
 from ..recipes import make_head, recipe
@@ -55,6 +54,7 @@ from .compare import method_head
 from .measure_session import MeasureConfig, Session, margin_list, payload, previous_runs, report, write_outputs
 from .pareto import pareto_envelope
 from .points import baseline_decisions, cpm_decisions
+from .protocol import calibration_halves
 from .speed import frontiers, headline, mode_key
 
 __all__ = ["MeasureConfig", "run_measure"]
@@ -289,7 +289,7 @@ def _measure_compare(cfg: MeasureConfig) -> int:
     protocol = config.get("protocol") or {"calibration": "val"}
     cal_rows = None
     if protocol["calibration"] == "test-half":  # the compare's halves: calibrate on one, measure the other
-        _, cal_rows = stratified_split(splits.test.labels, 0.5, seed=protocol["calibration_seed"])
+        _, cal_rows = calibration_halves(splits.test.labels, protocol["calibration_seed"])
     session = Session(cfg, bb, splits, calibration_rows=cal_rows)
     calibration = session.calibration
     if calibration is None:
