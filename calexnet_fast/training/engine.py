@@ -409,7 +409,8 @@ def fit(
             if record["val_loss"] < best["loss"]:
                 best.update(loss=record["val_loss"], epoch=epoch + 1)
                 best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best["stopped"] = config.patience > 0 and epoch + 1 - best["epoch"] >= config.patience
+            since = epoch + 1 - (best["epoch"] or 0)  # a NaN validation loss never counts as the best
+            best["stopped"] = config.patience > 0 and since >= config.patience
         if ckdir is not None and info.is_main:
             _save_checkpoint(ckdir, model, optimizer, epoch + 1, result.history, ckpt_config, best)
         barrier()
