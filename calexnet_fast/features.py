@@ -176,9 +176,7 @@ class FeatureCache:
 
     def to_memory(self) -> FeatureCache:
         """A copy with every array read into memory."""
-        idx = torch.arange(len(self))
-        feats, z, y = self.gather(idx)
-        return FeatureCache(feats, z, y, self.meta)
+        return self.subset(torch.arange(len(self)))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the cache to one safetensors file (``features.{k}``, ``backbone_logits``, ``labels``)."""

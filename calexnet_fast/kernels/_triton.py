@@ -7,6 +7,7 @@ so the kernel modules are imported on first use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -142,6 +143,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
+
+
+def require_kernel_device(features: torch.Tensor, op: str) -> None:
+    """A fused head kernel runs on CUDA tensors (or any under ``TRITON_INTERPRET=1``); else a clear error."""
+    if not (features.is_cuda or interpreting()):
+        raise RuntimeError(
+            f"features: the Triton {op} kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got device "
+            f"{features.device}; call calexnet_fast.kernels.{op}, which uses the reference"
+        )
+
+
+def launch_per_sample(module: str, kernel: str, features: torch.Tensor, args, kwargs, outputs):
+    """Launch ``module.kernel`` with one program per sample of ``features`` on its device; ``outputs``."""
+    if features.shape[0] == 0:
+        return outputs
+    fn = getattr(kernel_module(module), kernel)
+    with torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext():
+        fn[(features.shape[0],)](*args, **kwargs)
+    return outputs
 
 
 def head_exit_outputs(n: int, n_classes: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -30,8 +30,6 @@ other strided view are read in place, without a copy.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..reference import grid_head_exit_reference
@@ -43,7 +41,8 @@ from ._triton import (
     dot_precision,
     head_exit_outputs,
     interpreting,
-    kernel_module,
+    launch_per_sample,
+    require_kernel_device,
     warn_fallback_once,
 )
 from .proto_head import proto_head_operand_dtypes
@@ -204,18 +203,9 @@ def _launch_grid_head_exit(
     """Run the fused Triton kernel directly (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     args = (features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
     _check(*args, grid, feature_grid, max_size)
-    if not (features.is_cuda or interpreting()):
-        raise RuntimeError(
-            f"features: the Triton grid_head_exit kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got "
-            f"device {features.device}; call calexnet_fast.kernels.grid_head_exit, which uses the reference"
-        )
+    require_kernel_device(features, "grid_head_exit")
     kargs, kwargs, outputs = _kernel_arguments(*args, grid, feature_grid, max_size, config, interpreting())
-    if features.shape[0] == 0:
-        return outputs
-    kern = kernel_module("_grid_head_kernel")
-    with torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext():
-        kern.grid_head_exit_kernel[(features.shape[0],)](*kargs, **kwargs)
-    return outputs
+    return launch_per_sample("_grid_head_kernel", "grid_head_exit_kernel", features, kargs, kwargs, outputs)
 
 
 @torch.library.custom_op("calexnet_fast::grid_head_exit", mutates_args=(), device_types="cuda")

@@ -23,8 +23,6 @@ contiguous NCHW and channels_last (NHWC) without a copy; any other strides are m
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..reference import proto_head_exit_reference
@@ -36,7 +34,8 @@ from ._triton import (
     dot_precision,
     head_exit_outputs,
     interpreting,
-    kernel_module,
+    launch_per_sample,
+    require_kernel_device,
     warn_fallback_once,
 )
 
@@ -234,20 +233,11 @@ def _launch_proto_head_exit(
     ``config`` overrides entries of ``proto_head_launch_config`` (for ``bench/proto_head.py --sweep`` only).
     """
     _check(features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds)
-    if not (features.is_cuda or interpreting()):
-        raise RuntimeError(
-            f"features: the Triton proto_head_exit kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got "
-            f"device {features.device}; call calexnet_fast.kernels.proto_head_exit, which uses the reference"
-        )
+    require_kernel_device(features, "proto_head_exit")
     args, kwargs, outputs = _kernel_arguments(
         features, proj_weight, proj_bias, prototypes, cls_weight, cls_bias, thresholds, config, interpreting()
     )
-    if features.shape[0] == 0:
-        return outputs
-    kern = kernel_module("_proto_head_kernel")
-    with torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext():
-        kern.proto_head_exit_kernel[(features.shape[0],)](*args, **kwargs)
-    return outputs
+    return launch_per_sample("_proto_head_kernel", "proto_head_exit_kernel", features, args, kwargs, outputs)
 
 
 @torch.library.custom_op("calexnet_fast::proto_head_exit", mutates_args=(), device_types="cuda")
