@@ -326,6 +326,10 @@ class BranchTraining:
     history: list[list[dict]] = field(default_factory=list)
 
 
+def _recipe_weights(recipe: Recipe, prev_logits: Sequence[torch.Tensor], thresholds: torch.Tensor) -> torch.Tensor:
+    return survivor_weights(prev_logits, thresholds, recipe.weighting, recipe.weight_temperature, recipe.weight_floor)
+
+
 def _weight_stats(w: torch.Tensor) -> dict:
     w = w.double()
     return {
@@ -422,12 +426,8 @@ def train_branches(
                 head = head_factory(k, in_ch, n_classes)
         else:
             head = make_head(in_ch, n_classes, recipe, seed=fit_config.seed * 1000 + k)
-        if k == 0 or recipe.weighting == "none":
-            weights = None
-        else:
-            weights = survivor_weights(
-                train_logits, thresholds, recipe.weighting, recipe.weight_temperature, recipe.weight_floor
-            )
+        weighted = k > 0 and recipe.weighting != "none"
+        weights = _recipe_weights(recipe, train_logits, thresholds) if weighted else None
         result.weights.append(weights)
         stats = _weight_stats(weights if weights is not None else torch.ones(len(train_cache)))
         if weights is not None:
@@ -459,11 +459,8 @@ def train_branches(
 
             validate = None
             if fit_config.patience > 0:
-                val_weights = None
-                if weights is not None:  # the survivors of the validation split, weighted the same way
-                    val_weights = survivor_weights(
-                        val_logits, thresholds, recipe.weighting, recipe.weight_temperature, recipe.weight_floor
-                    )
+                # the survivors of the validation split, weighted the same way
+                val_weights = _recipe_weights(recipe, val_logits, thresholds) if weighted else None
                 val_source = CacheSource(val_cache, val_weights, branches=[k])
 
                 def validate(model, _loss=loss_fn, _src=val_source):
