@@ -8,7 +8,8 @@ its fused Triton kernel (``grid_head_exit``) on CUDA.
 At the three default branch points (``cifar_resnet(56, placement="flops", n_branches=3)``: layer1.6,
 layer2.3, layer3.1; random weights, only the shapes matter) it reports, per branch, the FLOPs of the
 default grid head and of today's ``PrototypePoolingHead`` (D = 128, K = 32) as a share of the backbone's,
-and the median CPU time of each head's folded form on a batch of branch features next to the time of
+and the median CPU time of each head's folded form on a batch of branch features (for the grid head also its
+twin ``grid_head_reference``, the plain eager form its plans replace: ``grid-twin``) next to the time of
 the whole backbone in its inference form (BatchNorm folded), in interleaved rounds; channels_last as
 ``calexnet measure`` runs by default (``--contiguous``: NCHW). The issue's bar:
 at most 0.5 % of the backbone's FLOPs and 1 % of its time per head.
@@ -35,11 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
-from calexnet_fast.backbones import cifar_resnet  # noqa: E402
-from calexnet_fast.backbones.inference import fold_batchnorm  # noqa: E402
+from calexnet_fast.backbones import (
+    cifar_resnet,  # noqa: E402
+    inference_form,  # noqa: E402
+)
 from calexnet_fast.evaluation.timing import environment, interleaved_medians  # noqa: E402
 from calexnet_fast.flops import head_flops, segment_flops  # noqa: E402
 from calexnet_fast.heads import GridPrototypeHead, PrototypePoolingHead  # noqa: E402
+from calexnet_fast.reference import grid_head_reference  # noqa: E402
 
 MAPS = [("layer1.6", 16, 32), ("layer2.3", 32, 16), ("layer3.1", 64, 8)]  # ResNet-56's branch maps (C, H = W)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -188,14 +192,20 @@ def main(argv: list[str] | None = None) -> dict:
     flops = {name: head_flops(hs, bb) for name, hs in heads.items()}
     fmt = torch.contiguous_format if args.contiguous else torch.channels_last
     x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=fmt)
-    folded_bb = fold_batchnorm(bb).to(memory_format=fmt)
+    folded_bb = inference_form(bb).to(memory_format=fmt)
     with torch.inference_mode():
         feats, _ = folded_bb.features(x)
         fns = {"backbone": lambda: folded_bb(x)}
         for name, hs in heads.items():
             for k, (h, f) in enumerate(zip(hs, feats, strict=True)):
                 fns[f"{name}.{k + 1}"] = partial(h.fold(), f)
+                if name == "grid":  # the folded head's twin, the plain eager form its plans replace
+                    g = h.fold()
+                    sizes = (g.grid, g.feature_grid, g.max_size)
+                    fns[f"grid-twin.{k + 1}"] = partial(grid_head_reference, f, *g.operands(), *sizes)
         times = interleaved_medians(fns, torch.device("cpu"), repeats=args.repeats)
+    heads["grid-twin"] = heads["grid"]
+    flops["grid-twin"] = flops["grid"]
     rows = []
     layout = "NCHW" if args.contiguous else "channels_last"
     print(

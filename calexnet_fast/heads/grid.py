@@ -18,7 +18,8 @@ the spatial layout that the global pooling of ``PrototypePoolingHead`` throws aw
 6. a linear classifier -> logits.
 
 ``GridPrototypeHead.fold()`` returns a ``FoldedGridPrototypeHead``: BN folded into the projection, prototypes
-normalised and multiplied by gamma; its forward is ``calexnet_fast.reference.grid_head_reference``.
+normalised and multiplied by gamma; its forward runs the plan of ``.grid_plan`` for the input's geometry
+(TorchScript: the twin ``calexnet_fast.reference.grid_head_reference``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ..reference import grid_head_reference, grid_pool, working_map
+from .grid_plan import grid_head_plan
 from .prototype import FoldedHead, PrototypeProjection, _check_features, check_positive_ints
 
 
@@ -43,8 +45,10 @@ class FoldedGridPrototypeHead(FoldedHead):
     (``gamma * P / max(||P||, 1e-8)``), ``cls_weight`` [n_classes, 2 K G^2 + 2 C F^2], ``cls_bias``
     [n_classes]; ints ``grid``, ``feature_grid``, ``max_size``.
 
-    ``forward(features [N, C, H, W]) -> logits [N, n_classes]`` is
-    ``calexnet_fast.reference.grid_head_reference``, computed in the dtype of ``features``.
+    ``forward(features [N, C, H, W]) -> logits [N, n_classes]`` in the dtype of ``features``: in eager mode
+    the plan for the input's geometry (``calexnet_fast.heads.grid_plan``: classifier columns folded onto the
+    pixels where the grids only repeat them, no copies before the classifier), under TorchScript its twin
+    ``calexnet_fast.reference.grid_head_reference``; the two agree up to float rounding.
     """
 
     def __init__(
@@ -66,8 +70,9 @@ class FoldedGridPrototypeHead(FoldedHead):
         self.max_size = max_size
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages
+        if not torch.jit.is_scripting():  # TorchScript cannot compile the checks' messages, nor the plans
             _check_features(features, self.in_channels, self.proj_weight.device)
+            return self._planned(features)
         return grid_head_reference(
             features,
             self.proj_weight,
@@ -79,6 +84,10 @@ class FoldedGridPrototypeHead(FoldedHead):
             self.feature_grid,
             self.max_size,
         )
+
+    @torch.jit.unused
+    def _planned(self, features: torch.Tensor) -> torch.Tensor:
+        return grid_head_plan(self, features)(features)
 
     def extra_repr(self) -> str:
         return (
