@@ -20,8 +20,9 @@ For each model and profile, images/s measured in interleaved rounds (median) of:
   the batch: every stage runs on full batches, survivors re-batched across input batches;
 - with ``--compile``: the ``torch.compile``d backbone and compiled streaming stages (compiled vs compiled).
 
-All run in the same form: with ``--fold`` (default) BatchNorm is folded into the convolutions of the frozen
-stages (``fold_batchnorm``) for the backbone and the cascades alike. Against them, two ideals: the
+All run in the same form: with ``--fold`` (default) the frozen stages take their inference form
+(``inference_form``: BatchNorm folded into the convolutions, max pools of contiguous CPU maps run in
+channels_last) for the backbone and the cascades alike. Against them, two ideals: the
 FLOPs-ideal 1 / (1 - r) and the time-ideal, from each stage's and each head's measured time at a full
 batch weighted by the fraction of samples reaching it (what the cascade would reach if nothing cost more
 on fewer rows and nothing else cost anything), and achieved / ideal for both modes. Then the kernel
@@ -51,7 +52,7 @@ import scatter_rows as scatter_rows_bench  # noqa: E402
 from common import write_json  # noqa: E402
 
 from calexnet_fast import Cascade, ReferenceCascade, backbones  # noqa: E402
-from calexnet_fast.backbones import fold_batchnorm  # noqa: E402
+from calexnet_fast.backbones import inference_form  # noqa: E402
 from calexnet_fast.cascades import StreamingCascade  # noqa: E402
 from calexnet_fast.evaluation.measure_session import DTYPES  # noqa: E402
 from calexnet_fast.evaluation.speed import stage_times, time_ideal  # noqa: E402
@@ -123,7 +124,7 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
     if args.channels_last:
         ref = ref.to(memory_format=torch.channels_last)
     if args.fold:
-        ref = fold_batchnorm(ref)  # the inference form, for the backbone and the cascades alike
+        ref = inference_form(ref)  # for the backbone and the cascades alike
     fast = Cascade.from_reference(ref)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, 3, args.resolution, args.resolution, generator=gen).to(device, dtype)
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--fold",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="BatchNorm folded into the convolutions, for the backbone and the cascades alike (default on)",
+        help="the stages' inference form (BatchNorm folded, fast max pools), for the backbone and the cascades "
+        "alike (default on)",
     )
     parser.add_argument(
         "--compile", action="store_true", help="also time the compiled backbone against compiled streaming stages"
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\nEnd-to-end, batch {args.batch_size}, {args.resolution}x{args.resolution}, {dtype}, {device}"
         f"{', channels_last' if args.channels_last else ''}, {torch.get_num_threads()} threads, stages "
-        f"{'BN-folded' if args.fold else 'as trained'}; images/s (median of {args.repeats} interleaved rounds; "
+        f"{'inference form' if args.fold else 'as trained'}; images/s (median of {args.repeats} interleaved rounds; "
         f"streaming: {args.stream_batches} batches per stream, stage batch = batch)"
     )
     table(rows)

@@ -1,5 +1,6 @@
-"""``fold_batchnorm``: frozen stages in inference form (BatchNorm folded into the convolution before it) give
-the same outputs, for the plain backbone and the cascades alike, and leave the original untouched."""
+"""``fold_batchnorm`` / ``inference_form``: frozen stages in inference form (BatchNorm folded into the
+convolution before it, max pools run where the CPU kernel is fast) give the same outputs, for the plain backbone
+and the cascades alike, and leave the original untouched."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from calexnet_fast import backbones
-from calexnet_fast.backbones import fold_batchnorm
+from calexnet_fast.backbones import ChannelsLastMaxPool2d, fold_batchnorm, inference_form
 from calexnet_fast.cascades import Cascade
 from calexnet_fast.heads import PrototypePoolingHead
 
@@ -117,3 +118,45 @@ def test_only_safe_pairs_are_folded():
                 torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="module"):
         fold_batchnorm([nn.Conv2d(3, 3, 1)])
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_inference_form_pools_in_channels_last_with_the_same_values(arch):
+    torch.manual_seed(3)
+    bb = getattr(backbones, arch)(10, input_size=32)
+    _randomize_batchnorm(bb)
+    form = inference_form(bb)
+    pools = [m for m in form.modules() if isinstance(m, ChannelsLastMaxPool2d)]
+    assert len(pools) == 1 and _count_bn(form) == 0  # the stem pool of a torchvision ResNet
+    assert not any(isinstance(m, ChannelsLastMaxPool2d) for m in bb.modules())  # the original is untouched
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(form(x), fold_batchnorm(bb)(x), rtol=0, atol=0)
+        torch.testing.assert_close(form(x), bb(x), atol=1e-4, rtol=1e-4)
+    cascade = inference_form(
+        Cascade(bb, [PrototypePoolingHead(c, 10, dim=8, n_prototypes=2) for c in bb.branch_channels])
+    )
+    assert (
+        isinstance(cascade, Cascade)
+        and sum(isinstance(m, ChannelsLastMaxPool2d) for m in cascade.stages.modules()) == 1
+    )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_channels_last_max_pool_equals_the_pool(layout):
+    pool = nn.MaxPool2d(3, 2, 1)
+    wrapped = ChannelsLastMaxPool2d(pool)
+    x = torch.randn(4, 6, 11, 9)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 2] = float("-inf")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(4, 6, 11, 18)[..., ::2]
+    got, want = wrapped(x), pool(x)
+    assert got.is_contiguous() == want.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(wrapped(x[:0]), pool(x[:0]))
+    with pytest.raises(ValueError, match="without return_indices"):
+        ChannelsLastMaxPool2d(nn.MaxPool2d(2, return_indices=True))
+    assert isinstance(inference_form(nn.MaxPool2d(2)), ChannelsLastMaxPool2d)

@@ -21,8 +21,8 @@ Modules:
 * :mod:`.sources`: models by source: ``torchvision:<name>``, ``timm:<name>``, ``path/to/file.py:factory``.
 * :mod:`.spec`: :class:`BackboneSpec` and :func:`build_backbone`, backbones by name (what run directories
   store).
-* :mod:`.inference`: :func:`fold_batchnorm`, the inference form of frozen stages (BatchNorm folded into the
-  convolutions), for a backbone or a cascade.
+* :mod:`.inference`: :func:`inference_form`, the inference form of frozen stages (BatchNorm folded into the
+  convolutions, :func:`fold_batchnorm`; max pools where the CPU kernel is fast), for a backbone or a cascade.
 
 Nothing here downloads weights.
 """
@@ -38,7 +38,7 @@ from .cifar import (
 from .classmap import ClassMap, with_class_map
 from .custom import from_stages
 from .generic import declared_input, from_model
-from .inference import fold_batchnorm
+from .inference import ChannelsLastMaxPool2d, fold_batchnorm, inference_form
 from .sources import build_model, file_sha256, is_model_source
 from .spec import TORCHVISION_ARCHS, BackboneSpec, build_backbone, cifar_depth, cifar_variant, trainable_backbone
 from .staged import FrozenStage, StagedBackbone
@@ -48,6 +48,7 @@ __all__ = [
     "CIFAR_RESNET_DEPTHS",
     "TORCHVISION_ARCHS",
     "BackboneSpec",
+    "ChannelsLastMaxPool2d",
     "CifarResNet",
     "ClassMap",
     "FrozenStage",
@@ -65,6 +66,7 @@ __all__ = [
     "from_model",
     "from_stages",
     "from_torchvision",
+    "inference_form",
     "is_model_source",
     "load_cifar_resnet_checkpoint",
     "load_state_dict_file",

@@ -1,4 +1,5 @@
-"""Frozen stages in inference form: every eval-mode BatchNorm folded into the convolution just before it.
+"""Frozen stages in inference form: every eval-mode BatchNorm folded into the convolution just before it,
+and every max pooling run where PyTorch's CPU kernel is fast.
 
 A frozen stage never trains, so its BatchNorm layers are fixed affine maps of the convolution outputs and
 can be folded into the convolution's weight and bias: ``w' = w * s``, ``b' = (b - mean) * s + beta`` with
@@ -10,6 +11,13 @@ form, so they are compared like with like (``bench/throughput.py``).
 Which BatchNorm follows which convolution is read from the module's ``torch.fx`` graph (a pair is folded
 only when the convolution's output goes nowhere else and neither module is called twice); a module that
 cannot be traced is searched child by child, with adjacent pairs in an ``nn.Sequential`` folded.
+
+:func:`inference_form` does that and also replaces every ``nn.MaxPool2d`` (without ``return_indices``) by
+:class:`ChannelsLastMaxPool2d`, which pools a contiguous (NCHW) CPU tensor in channels_last and hands it back
+contiguous: the same values (a maximum does not depend on the layout), but PyTorch 2.14's NCHW CPU kernel for
+the 3x3 / stride-2 stem pool of a torchvision ResNet took 4.2 ms on a [64, 64, 16, 16] map where the
+channels_last one took 0.24 ms (2 threads, this project's CPU machine), about a fifth of a ResNet-18's time at
+32 x 32. Other devices and layouts pool as before.
 """
 
 from __future__ import annotations
@@ -22,7 +30,43 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["ChannelsLastMaxPool2d", "fold_batchnorm", "inference_form"]
+
+
+class ChannelsLastMaxPool2d(nn.Module):
+    """``pool`` (an ``nn.MaxPool2d``) evaluated in channels_last for contiguous 4-D CPU inputs, the output
+    returned contiguous; otherwise ``pool`` itself. Same values either way."""
+
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        if not isinstance(pool, nn.MaxPool2d) or pool.return_indices:
+            raise ValueError(f"pool: expected an nn.MaxPool2d without return_indices, got {pool!r}")
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
+            return self.pool(x)
+        return self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def inference_form(module: nn.Module) -> nn.Module:
+    """The inference form of frozen stages: :func:`fold_batchnorm`, then every ``nn.MaxPool2d`` of the
+    (folded) stages wrapped in :class:`ChannelsLastMaxPool2d` (module docstring). Same arguments, same
+    copy semantics and outputs equal to the original's to float rounding (the pools: exactly)."""
+    folded = fold_batchnorm(module)
+    stages = getattr(folded, "stages", None)
+    root = stages if isinstance(stages, nn.ModuleList) else folded
+    pools = [
+        name
+        for name, m in root.named_modules()
+        if type(m) is nn.MaxPool2d and not m.return_indices and name  # the root itself: wrap below
+    ]
+    for name in pools:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(parent_name), attr, ChannelsLastMaxPool2d(root.get_submodule(name)))
+    if type(folded) is nn.MaxPool2d and not folded.return_indices:
+        return ChannelsLastMaxPool2d(folded)
+    return folded
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:

@@ -86,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fold",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="BatchNorm of the frozen stages folded into the convolutions, for the backbone and the cascade "
-        "alike: the inference form that is timed (default: on)",
+        help="the frozen stages' inference form (BatchNorm folded into the convolutions, fast max pools), for "
+        "the backbone and the cascade alike: the form that is timed (default: on)",
     )
     p.add_argument(
         "--modes",

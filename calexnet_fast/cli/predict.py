@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..backbones import fold_batchnorm
+from ..backbones import inference_form
 from ..cascades import Cascade, StreamingCascade
 from ..data import IMAGE_EXTENSIONS, PRELOAD_MAX_SIDE, ImageDataset
 from ..data.images import open_rgb
@@ -50,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels_last inputs and stages")
     g.add_argument("--compile", action="store_true", help="torch.compile every stage with its branch")
     g.add_argument(
-        "--no-fold", action="store_true", help="keep the stages' BatchNorm (default: folded into the convolutions)"
+        "--no-fold",
+        action="store_true",
+        help="run the stages as trained (default: their inference form, BatchNorm folded into the convolutions)",
     )
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
     add_execution_args(p)
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     backbone, heads, thresholds = run_dir.cascade_parts(args.margin)
     cascade = Cascade(backbone, list(heads), thresholds).to(device).eval()
     if not args.no_fold:
-        cascade = fold_batchnorm(cascade)
+        cascade = inference_form(cascade)
     cascade = cascade.to(dtype)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.channels_last:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import io
-from ..backbones import fold_batchnorm
+from ..backbones import inference_form
 from ..data import decode_images
 from ..distributed import default_device
 from ..features import backbone_features
@@ -63,8 +63,9 @@ class MeasureConfig:
     per accuracy loss, the envelope point with the largest reduction within it). Output: ``out`` (default:
     the source). Timing:
     ``batch_size``, ``repeats``, ``warmup``, ``timing_images`` (0: all), ``max_extra_rounds``, ``dtype``
-    (a key of :data:`DTYPES`), ``channels_last`` (``None``: on), ``fold`` (BatchNorm of the frozen stages
-    folded into the convolutions, for the backbone and the cascade alike: the inference form). Modes:
+    (a key of :data:`DTYPES`), ``channels_last`` (``None``: on), ``fold`` (the frozen stages' inference form,
+    ``backbones.inference_form``: BatchNorm folded into the convolutions; for the backbone and the cascade
+    alike). Modes:
     ``modes`` (a comma list of :data:`~.speed.MODES`: ``batch`` per input batch, ``stream`` streaming),
     ``stage_batch`` (rows per stage run when streaming; ``None``: ``batch_size``). ``max_loss``: the
     headline's accuracy loss.
@@ -158,7 +159,7 @@ class Session:
             max_extra_rounds=cfg.max_extra_rounds,
         )
         self.progress = not cfg.quiet
-        inference = fold_batchnorm(bb.eval()) if self.fold else bb  # folded in float32, then cast
+        inference = inference_form(bb.eval()) if self.fold else bb  # folded in float32, then cast
         self.trained = _prepare(bb, self.device, self.dtype, self.channels_last)
         self.bb = _prepare(inference, self.device, self.dtype, self.channels_last)
         t0 = time.time()
