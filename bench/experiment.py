@@ -6,13 +6,14 @@ every head of the comparison reads), early stopping on the 5,000 validation imag
 thresholds chosen on a stratified half of the test split, accuracy reported on the other half.
 
 ``lr-search`` runs ``calexnet compare`` on seed 0 for each candidate learning rate with a short schedule and
-picks, per method family, the rate with the lowest validation loss (never a test number): the reference
-recipe stands for every CPM recipe with the grid head, ``reference:sdn`` for the SDN-head row, and each
-baseline for itself. It writes ``lr_search.json`` to ``--out``. ``run`` runs the comparison (8 methods + the
-SDN-head row x 3 seeds) with those rates. ``measure`` times the real cascades of the comparison on the reported
-test half in both modes (``calexnet measure``: per method and seed the Pareto-envelope points within 0.5, 1, 2
-and 5 points of the backbone's accuracy; CalexNet, ZTW and BoostNet for every seed, the reference and PTEEnet
-for seed 0) and writes ``speed.json``, ``speed.png`` and ``speed_table.md`` to ``--out``. ``all`` does the three.
+picks, per method family, the rate with the lowest validation loss (never a test number): the reference recipe
+stands for every CPM recipe with the grid head, ``reference:sdn`` for the two SDN-head rows, and each baseline
+for itself. It writes ``lr_search.json`` to ``--out``. ``run`` runs the comparison (8 methods + the two
+SDN-head rows, ``calexnet:sdn`` and ``reference:sdn``, x 3 seeds) with those rates. ``measure`` times the real
+cascades of the comparison on the reported test half in both modes (``calexnet measure``: per method and seed
+the Pareto-envelope points within 0.5, 1, 2 and 5 points of the backbone's accuracy; CalexNet, ZTW and
+BoostNet for every seed, the reference and PTEEnet for seed 0) and writes ``speed.json``, ``speed.png`` and
+``speed_table.md`` to ``--out``. ``all`` does the three.
 
     python bench/experiment.py all --out docs/results --work /work/cache/full/work --features /work/cache/full/features
 """
@@ -27,7 +28,10 @@ from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-METHODS = "calexnet,reference,reference+weights,reference+kd,reference+aligned,pteenet,ztw,boostnet,calexnet:sdn"
+METHODS = ",".join(
+    ("calexnet", "reference", "reference+weights", "reference+kd", "reference+aligned")
+    + ("pteenet", "ztw", "boostnet", "calexnet:sdn", "reference:sdn")
+)
 PROTOCOL = [
     "--flip", "--cache-pool", "8", "--calibration", "test-half", "--calibration-seed", "0", "--margins=-0.3:0.5:81",
     "--patience", "3", "--compile-heads", "--batch-size", "256", "--threads", "2",
@@ -39,7 +43,7 @@ SEARCH_LRS = (1e-3, 3e-3, 1e-2)
 # searched method -> the methods of the comparison that take its learning rate
 FAMILIES = {
     "reference": ("calexnet", "reference", "reference+weights", "reference+kd", "reference+aligned"),
-    "reference:sdn": ("calexnet:sdn",),
+    "reference:sdn": ("calexnet:sdn", "reference:sdn"),
     "ztw": ("ztw",),
     "boostnet": ("boostnet",),
     "pteenet": ("pteenet",),

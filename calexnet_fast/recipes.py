@@ -76,7 +76,9 @@ class Recipe:
         ce_weight: α of an added ``α · CE(z_k, target)`` when distilling (0).
         ce_target: CE target: ``"backbone"`` (argmax of the backbone's logits) or ``"labels"``.
         aligned: cascade-aligned CPM calibration (CalexNet) or each branch on the whole validation set.
-        m_train: margin of the thresholds that define the training weights (0.2).
+        m_train: margin of the thresholds that define the training weights (0: the bar is the backbone's own
+            precision, near the margins of the operating points within a point or two of the backbone; the
+            starting brief's 0.2 let ~90 % of the training samples exit at branch 1 and hurt, docs/design.md §1).
         margin_mode, min_support, bar_from: CPM options (see ``calexnet_fast.calibration``).
         head: the branch head: ``"grid"`` (``GridPrototypeHead``, similarities pooled per cell of a 2 x 2 grid;
             the default) or ``"prototype"`` (``PrototypePoolingHead``, similarities pooled over the whole map).
@@ -94,7 +96,7 @@ class Recipe:
     ce_weight: float = 0.0
     ce_target: str = "backbone"
     aligned: bool = True
-    m_train: float = 0.2
+    m_train: float = 0.0
     margin_mode: str = "additive"
     min_support: int = 20
     bar_from: str = "subset"
@@ -127,6 +129,21 @@ class Recipe:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def training_json(self) -> dict:
+        """The fields that shape the trained heads (what resuming and head sharing compare; not the name):
+        without survivor weights the training margin and its calibration options do not enter, without
+        distillation neither do its temperature and CE mix."""
+        d = self.to_json()
+        d.pop("name")
+        if self.weighting == "none":
+            for k in ("aligned", "m_train", "margin_mode", "min_support", "bar_from", "weight_temperature"):
+                d.pop(k)
+            d.pop("weight_floor")
+        if not self.distill:
+            d.pop("kd_temperature")
+            d.pop("ce_weight")
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> Recipe:
@@ -353,6 +370,16 @@ def _exit_stats(prev_logits: Sequence[torch.Tensor], thresholds: torch.Tensor) -
     }
 
 
+def _same_training(stored: dict, current: dict) -> bool:
+    """Whether a saved head's run configuration trains what ``current`` would (recipes compared by
+    :meth:`Recipe.training_json`, everything else as stored)."""
+    a, b = json.loads(json.dumps(stored)), json.loads(json.dumps(current))
+    for d in (a, b):
+        if isinstance(d.get("recipe"), dict):
+            d["recipe"] = Recipe.from_json(d["recipe"]).training_json()
+    return a == b
+
+
 def _warn_if_degenerate(k: int, stats: dict, recipe: Recipe) -> None:
     if stats["train_exit_share"] >= DEGENERATE_EXIT_SHARE:
         return
@@ -439,7 +466,7 @@ def train_branches(
         history: list[dict] = []
         if final is not None and resume and final.is_file():
             tensors, cfg = load_state_file(final)
-            if json.loads(json.dumps(cfg.get("run", {}))) != json.loads(json.dumps(base)):
+            if not _same_training(cfg.get("run", {}), base):
                 raise RuntimeError(
                     f"{final} was trained with a different recipe or configuration; use a new output "
                     "directory or turn resuming off (--no-resume)"

@@ -149,7 +149,7 @@ def test_recipe_names_and_switches():
         c.weight_temperature,
         c.weight_floor,
         c.m_train,
-    ) == ("soft", True, True, 4.0, 0.05, 1e-3, 0.2)
+    ) == ("soft", True, True, 4.0, 0.05, 1e-3, 0.0)
     r = recipes.recipe("reference")
     assert (r.weighting, r.distill, r.aligned, r.ce_target, r.ce_weight) == (
         "none",
@@ -205,7 +205,8 @@ def make_caches(n_train=160, n_val=120, seed=0):
     return one(n_train), one(n_val)
 
 
-SMALL = {"head_dim": 8, "n_prototypes": 4, "min_support": 5}
+# tiny heads after a few epochs on synthetic features: a looser training margin than the default lets classes exit
+SMALL = {"head_dim": 8, "n_prototypes": 4, "min_support": 5, "m_train": 0.2}
 
 
 @pytest.mark.parametrize("name,weighting", [("calexnet", "soft"), ("calexnet", "hard"), ("reference", "none")])
@@ -219,7 +220,7 @@ def test_branch_weights_come_from_the_previous_branch_at_m_train(name, weighting
         return
     z1_train = head_logits(res.heads[0], tr, 0)
     z1_val = head_logits(res.heads[0], va, 0)
-    tau = calibrate([z1_val], va.backbone_logits, va.labels, 0.2, aligned=rec.aligned, min_support=5)
+    tau = calibrate([z1_val], va.backbone_logits, va.labels, rec.m_train, aligned=rec.aligned, min_support=5)
     torch.testing.assert_close(res.train_thresholds, tau)
     expected = survivor_weights([z1_train], tau, weighting, 0.05, 1e-3)
     torch.testing.assert_close(res.weights[1], expected)
@@ -252,6 +253,10 @@ def test_train_branches_resumes_inside_branch_two(tmp_path):
     with pytest.raises(RuntimeError, match="different"):
         recipes.train_branches(
             tr, va, recipes.recipe("reference", **SMALL), cfg, out_dir=tmp_path / "run", progress=False
+        )
+    with pytest.raises(RuntimeError, match="different"):  # another training margin: other weights, other heads
+        recipes.train_branches(
+            tr, va, recipes.recipe("calexnet", **{**SMALL, "m_train": 0.1}), cfg, out_dir=tmp_path / "run"
         )
     save_heads(tmp_path / "heads.safetensors", res.heads, {"recipe": rec.to_json()})
     back, cfg_back = load_heads(tmp_path / "heads.safetensors")
@@ -347,3 +352,18 @@ def test_early_stopping_judges_a_weighted_branch_on_weighted_validation_survivor
     assert float(unweighted) != pytest.approx(best, rel=1e-3)
     for hist in res.history:
         assert all("val_loss" in r for r in hist)
+
+
+def test_unweighted_runs_resume_whatever_their_training_margin(tmp_path):
+    """Options that do not shape a recipe's heads (the training margin without weights) do not block resuming."""
+    tr, va = make_caches()
+    cfg = FitConfig(epochs=1, batch_size=32, lr=1e-2)
+    first = recipes.train_branches(tr, va, recipes.recipe("reference", **SMALL), cfg, out_dir=tmp_path, progress=False)
+    again = recipes.recipe("reference", **{**SMALL, "m_train": 0.0, "min_support": 9})
+    res = recipes.train_branches(tr, va, again, cfg, out_dir=tmp_path, progress=False)
+    for a, b in zip(first.heads, res.heads, strict=True):
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+    assert again.training_json() == recipes.recipe("reference", **SMALL).training_json()
+    assert "m_train" in recipes.recipe("calexnet").training_json()
+    assert "kd_temperature" not in recipes.recipe("reference").training_json()

@@ -70,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "its accuracy the operating points need margins around -0.1",
     )
     g.add_argument("--margin-mode", choices=("additive", "relative"), default="additive")
+    g.add_argument(
+        "--m-train",
+        type=float,
+        default=0.0,
+        help="margin of the thresholds behind the training weights of weighted recipes (0)",
+    )
     g.add_argument("--min-support", type=int, default=20, help="CPM minimum exiting set per class (20)")
     g.add_argument("--thresholds", type=int, default=101, help="uniform global thresholds on [0, 1] (101)")
     g.add_argument("--threshold-quantiles", type=int, default=199, help="plus this many validation quantiles")

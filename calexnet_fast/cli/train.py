@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CE target: the backbone's argmax (default) or the ground-truth labels",
     )
     add_calibration_args(g, "the recipe's")
-    g.add_argument("--m-train", type=float, help="margin of the thresholds behind the training weights (0.2)")
+    g.add_argument("--m-train", type=float, help="margin of the thresholds behind the training weights (0)")
     g.add_argument(
         "--head",
         choices=tuple(HEADS),

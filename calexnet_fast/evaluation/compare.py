@@ -70,7 +70,8 @@ class CompareConfig:
     name its head, ``calexnet:sdn``), the head (``head_dim`` (``None``: the head's default),
     ``n_prototypes``, ``cpm_head`` = ``"grid"`` (default), ``"prototype"`` or ``"sdn"``: ZTW's SDN head
     without the cascade; BoostNet uses the CalexNet head, grid unless ``"prototype"``), the CPM sweep
-    (``margins`` = ``START:STOP:COUNT`` or a comma list, ``margin_mode``, ``min_support``), the baselines'
+    (``margins`` = ``START:STOP:COUNT`` or a comma list, ``margin_mode``, ``min_support``; ``m_train``: the
+    training margin of weighted recipes), the baselines'
     threshold grid (``thresholds`` uniform points + ``threshold_quantiles`` calibration quantiles) and ZTW's
     second stage (``ztw_ensemble_epochs``). Protocol: ``calibration`` = ``"test-half"`` (default: thresholds
     are chosen on a stratified half of the test split drawn with ``calibration_seed``, accuracy and FLOPs are
@@ -113,6 +114,7 @@ class CompareConfig:
     cpm_head: str = "grid"
     margins: str = "-0.3:0.5:81"
     margin_mode: str = "additive"
+    m_train: float = 0.0
     min_support: int = 20
     thresholds: int = 101
     threshold_quantiles: int = 199
@@ -141,17 +143,8 @@ class CompareConfig:
 
 
 def _training_key(rec) -> str:
-    """Recipes that train identical heads share them (``aligned`` and the m_train options only shape the
-    training weights, which ``weighting="none"`` does not use)."""
-    d = rec.to_json()
-    d.pop("name")
-    if d["weighting"] == "none":
-        for k in ("aligned", "m_train", "margin_mode", "min_support", "bar_from", "weight_temperature", "weight_floor"):
-            d.pop(k)
-    if not d["distill"]:
-        d.pop("kd_temperature")
-        d.pop("ce_weight")
-    return json.dumps(d, sort_keys=True)
+    """Recipes that train identical heads share them (``Recipe.training_json``)."""
+    return json.dumps(rec.training_json(), sort_keys=True)
 
 
 def _branch1_key(rec) -> str:
@@ -377,6 +370,7 @@ def run_compare(cfg: CompareConfig) -> int:
                     head_dim=cfg.head_dim if head != "sdn" else None,
                     n_prototypes=cfg.n_prototypes,
                     margin_mode=cfg.margin_mode,
+                    m_train=cfg.m_train,
                     min_support=cfg.min_support,
                 )
                 zv, zt, hf, trained_as = cpm.logits(rec, head, fit_cfg, seed)
@@ -448,6 +442,7 @@ def run_compare(cfg: CompareConfig) -> int:
         "n_prototypes": cfg.n_prototypes,
         "margins": [float(margins[0]), float(margins[-1]), int(margins.numel())],
         "margin_mode": cfg.margin_mode,
+        "m_train": cfg.m_train,
         "min_support": cfg.min_support,
         "thresholds": {"uniform": cfg.thresholds, "val_quantiles": cfg.threshold_quantiles},
         "baselines": asdict(base_cfg),
