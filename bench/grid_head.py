@@ -1,12 +1,15 @@
 """CPU cost of the grid prototype-pooling head (``GridPrototypeHead``) against the frozen CIFAR ResNet-56, and
 its fused Triton kernel (``grid_head_exit``) on CUDA.
 
-    python bench/grid_head.py [--batch 64] [--repeats 20] [--threads 1] [--contiguous] [--json PATH]
+    python bench/grid_head.py [--backbone cifar_resnet56|resnet18] [--batch 64] [--repeats 20] [--threads 1]
+                              [--contiguous] [--json PATH]
     python bench/grid_head.py --device cuda [--quick] [--batch 256] [--dtype bfloat16] [--json PATH]
     python bench/grid_head.py --sass [--sass-arch 90] [--json PATH]       # no GPU needed
 
 At the three default branch points (``cifar_resnet(56, placement="flops", n_branches=3)``: layer1.6,
-layer2.3, layer3.1; random weights, only the shapes matter) it reports, per branch, the FLOPs of the
+layer2.3, layer3.1; random weights, only the shapes matter; ``--backbone resnet18``: torchvision's ResNet-18 at
+32 x 32 with branches after layer1..layer3, as ``bench/throughput.py``, whose 8x8 / 4x4 / 2x2 maps the
+plans fold) it reports, per branch, the FLOPs of the
 default grid head and of today's ``PrototypePoolingHead`` (D = 128, K = 32) as a share of the backbone's,
 and the median CPU time of each head's folded form on a batch of branch features (for the grid head also its
 twin ``grid_head_reference``, the plain eager form its plans replace: ``grid-twin``) next to the time of
@@ -36,10 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
-from calexnet_fast.backbones import (
-    cifar_resnet,  # noqa: E402
-    inference_form,  # noqa: E402
-)
+from calexnet_fast import backbones  # noqa: E402
+from calexnet_fast.backbones import cifar_resnet, inference_form  # noqa: E402
 from calexnet_fast.evaluation.timing import environment, interleaved_medians  # noqa: E402
 from calexnet_fast.flops import head_flops, segment_flops  # noqa: E402
 from calexnet_fast.heads import GridPrototypeHead, PrototypePoolingHead  # noqa: E402
@@ -163,7 +164,10 @@ def sass_report(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu", help="cpu: head cost against ResNet-56; cuda: the fused kernel")
+    ap.add_argument("--device", default="cpu", help="cpu: head cost against the backbone; cuda: the fused kernel")
+    ap.add_argument(
+        "--backbone", choices=("cifar_resnet56", "resnet18"), default="cifar_resnet56", help="cpu: whose maps"
+    )
     ap.add_argument(
         "--quick", action="store_true", help="cuda: the first and last map, 10 classes, no torch.compile (a check)"
     )
@@ -183,7 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch, args.repeats = args.batch or 64, args.repeats or 20
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    bb = cifar_resnet(56, placement="flops", n_branches=3).eval()
+    if args.backbone == "resnet18":
+        bb = backbones.resnet18(10, input_size=32).eval()
+    else:
+        bb = cifar_resnet(56, placement="flops", n_branches=3).eval()
     backbone_flops = sum(segment_flops(bb))
     heads = {
         "grid": [GridPrototypeHead(c, 10).eval() for c in bb.branch_channels],
@@ -209,8 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     layout = "NCHW" if args.contiguous else "channels_last"
     print(
-        f"backbone: {backbone_flops / 1e6:.1f} MFLOPs/sample, {times['backbone'] * 1e3:.2f} ms/batch {args.batch} "
-        f"({layout}, {torch.get_num_threads()} thread(s))"
+        f"{args.backbone}: {backbone_flops / 1e6:.1f} MFLOPs/sample, {times['backbone'] * 1e3:.2f} ms/batch "
+        f"{args.batch} ({layout}, {torch.get_num_threads()} thread(s))"
     )
     print(f"{'head':<12}{'branch':<10}{'MFLOPs':>8}{'% FLOPs':>9}{'ms':>8}{'% time':>8}")
     for name, hs in heads.items():
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{t * 1e3:>8.3f}{row['time_pct']:>8.2f}"
             )
     payload = {
+        "backbone": args.backbone,
         "batch": args.batch,
         "channels_last": not args.contiguous,
         "backbone_flops": backbone_flops,
