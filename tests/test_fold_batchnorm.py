@@ -143,7 +143,7 @@ def test_inference_form_pools_in_channels_last_with_the_same_values(arch):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_channels_last_max_pool_equals_the_pool(layout):
+def test_channels_last_max_pool_equals_the_pool(layout, device):
     pool = nn.MaxPool2d(3, 2, 1)
     wrapped = ChannelsLastMaxPool2d(pool)
     x = torch.randn(4, 6, 11, 9)
@@ -153,6 +153,7 @@ def test_channels_last_max_pool_equals_the_pool(layout):
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = torch.randn(4, 6, 11, 18)[..., ::2]
+    x = x.to(device)
     got, want = wrapped(x), pool(x)
     assert got.is_contiguous() == want.is_contiguous()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -82,6 +82,16 @@ def test_plan_within_twice_the_twins_error(dtype):
         assert got_err <= 2 * twin_err + 1e-6, (h, got_err, twin_err)
 
 
+def test_plan_on_each_device(device):
+    """On CUDA the cascade runs the fused kernel; the folded head's own forward (the plan) must work there too."""
+    folded = _folded(16).to(device)
+    for h in (8, 4, 2):
+        f = torch.randn(6, 16, h, h, device=device)
+        torch.testing.assert_close(folded(f), _reference(folded, f), rtol=1e-4, atol=1e-4)
+        cl = f.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(folded(cl), _reference(folded, cl), rtol=1e-4, atol=1e-4)
+
+
 def test_empty_batch_and_one_row():
     folded = _folded(6)
     for h in (8, 2):
