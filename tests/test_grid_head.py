@@ -279,6 +279,11 @@ def test_bench_script_reports_flops_and_times(tmp_path, one_thread):
     out = bench.main(["--batch", "2", "--repeats", "1", "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["batch"] == 2
     rows = {(r["head"], r["branch"]): r for r in out["heads"]}
-    assert sorted(rows) == sorted((h, b) for h in ("grid", "prototype") for b in ("layer1.6", "layer2.3", "layer3.1"))
-    for (head, _), r in rows.items():
-        assert r["seconds"] > 0 and 0 < r["flops_pct"] <= (0.5 if head == "grid" else 10)
+    heads = ("grid", "prototype", "grid-twin")  # grid-twin: the folded grid head's twin, timed beside its plans
+    assert sorted(rows) == sorted((h, b) for h in heads for b in ("layer1.6", "layer2.3", "layer3.1"))
+    for (head, branch), r in rows.items():
+        assert r["seconds"] > 0 and 0 < r["flops_pct"] <= (10 if head == "prototype" else 0.5)
+        if head == "grid-twin":
+            assert r["flops"] == rows[("grid", branch)]["flops"]
+    r18 = bench.main(["--backbone", "resnet18", "--batch", "2", "--repeats", "1"])
+    assert r18["backbone"] == "resnet18" and {r["branch"] for r in r18["heads"]} == {"layer1", "layer2", "layer3"}

@@ -240,12 +240,14 @@ def test_public_op_on_cpu_uses_the_reference(make_head):
 
 
 def test_exit_rule_is_the_reference_after_the_head(make_head):
-    """grid_head_exit_reference = the folded grid head in float32, then the exit rule."""
+    """grid_head_exit_reference = the folded grid head's maths (grid_head_reference) in float32, then the exit
+    rule; the folded head's own eager form (its plan) agrees to rounding."""
     folded = _grid_head(make_head, 16, 10, seed=18).fold()
     x = torch.randn(4, 16, 12, 12).bfloat16()
     thr = torch.rand(10)
     logits, ex, pred, conf = grid_head_exit_reference(x, *_buffers(folded), thr)
-    assert torch.equal(logits, folded(x.float()))
+    assert torch.equal(logits, grid_head_reference(x.float(), *_buffers(folded)))
+    torch.testing.assert_close(logits, folded(x.float()), rtol=1e-5, atol=1e-5)
     for a, b in zip((ex, pred, conf), exit_decision_reference(logits, thr), strict=True):
         assert torch.equal(a, b)
 
