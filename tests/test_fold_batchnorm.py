@@ -140,6 +140,8 @@ def test_inference_form_pools_in_channels_last_with_the_same_values(arch):
         isinstance(cascade, Cascade)
         and sum(isinstance(m, ChannelsLastMaxPool2d) for m in cascade.stages.modules()) == 1
     )
+    with torch.inference_mode():  # the inference form scripts too (Cascade.to_torchscript), with the same outputs
+        torch.testing.assert_close(cascade.to_torchscript()(x).logits, cascade(x).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
