@@ -60,6 +60,16 @@ __all__ = [
 WEIGHTINGS = ("none", "hard", "soft")
 CE_TARGETS = ("backbone", "labels")
 FIXES = ("weights", "kd", "aligned")
+# what shapes only the survivor weights (and so nothing a recipe without them trains)
+_WEIGHT_ONLY_FIELDS = (
+    "aligned",
+    "m_train",
+    "margin_mode",
+    "min_support",
+    "bar_from",
+    "weight_temperature",
+    "weight_floor",
+)
 
 
 @dataclass
@@ -78,7 +88,8 @@ class Recipe:
         aligned: cascade-aligned CPM calibration (CalexNet) or each branch on the whole validation set.
         m_train: margin of the thresholds that define the training weights (0: the bar is the backbone's own
             precision, near the margins of the operating points within a point or two of the backbone; the
-            starting brief's 0.2 let ~90 % of the training samples exit at branch 1 and hurt, docs/design.md §1).
+            starting brief's 0.2 let ~90 % of the training samples exit at the earlier branches and hurt,
+            docs/design.md §1).
         margin_mode, min_support, bar_from: CPM options (see ``calexnet_fast.calibration``).
         head: the branch head: ``"grid"`` (``GridPrototypeHead``, similarities pooled per cell of a 2 x 2 grid;
             the default) or ``"prototype"`` (``PrototypePoolingHead``, similarities pooled over the whole map).
@@ -137,9 +148,8 @@ class Recipe:
         d = self.to_json()
         d.pop("name")
         if self.weighting == "none":
-            for k in ("aligned", "m_train", "margin_mode", "min_support", "bar_from", "weight_temperature"):
+            for k in _WEIGHT_ONLY_FIELDS:
                 d.pop(k)
-            d.pop("weight_floor")
         if not self.distill:
             d.pop("kd_temperature")
             d.pop("ce_weight")
@@ -376,7 +386,10 @@ def _same_training(stored: dict, current: dict) -> bool:
     a, b = json.loads(json.dumps(stored)), json.loads(json.dumps(current))
     for d in (a, b):
         if isinstance(d.get("recipe"), dict):
-            d["recipe"] = Recipe.from_json(d["recipe"]).training_json()
+            try:
+                d["recipe"] = Recipe.from_json(d["recipe"]).training_json()
+            except (TypeError, ValueError):  # not a recipe this version knows: not the same training
+                return False
     return a == b
 
 

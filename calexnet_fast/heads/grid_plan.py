@@ -4,7 +4,7 @@
 flattens and concatenates them; on the small maps of a CNN's branch points most of its time is operator
 calls and copies, not arithmetic (a 4 x 4 feature grid on a 2 x 2 map repeats every pixel four times, twice,
 and the classifier then reads 8x the values there are). A plan is built once per input geometry (H, W,
-memory layout, dtype, device) from the folded head's buffers:
+dtype, device) from the folded head's buffers and sizes:
 
 - **gathers folded into the classifier**: a pooling whose every cell covers exactly one pixel (the grid
   equals the map, or is larger and only repeats pixels) is the same gather for max and mean; it is linear
@@ -140,7 +140,7 @@ def grid_head_plan(head, features: torch.Tensor) -> GridHeadPlan:
     first use, rebuilt when one of the head's buffers is replaced or modified in place)."""
     buffers = (head.proj_weight, head.proj_bias, head.prototypes, head.cls_weight, head.cls_bias)
     h, w = features.shape[2], features.shape[3]
-    key = (h, w, features.dtype, features.device)
+    key = (h, w, features.dtype, features.device, head.grid, head.feature_grid, head.max_size)
     # (inference tensors have no version counter: a head folded under inference_mode is keyed by address)
     versions = tuple((b.data_ptr(), -1 if b.is_inference() else b._version, b.device) for b in buffers)
     cache = _plans.setdefault(head, {})
