@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calexnet_fast import cli, recipes
+from calexnet_fast import branch_training, cli
 from calexnet_fast.run import Run, load_heads
 
 SYN = [
@@ -156,7 +156,7 @@ def test_interrupted_train_resumes_to_the_same_heads(tmp_path, monkeypatch, caps
     assert run_cli(*TRAIN_RANDOM, "--epochs", "3", "--out", tmp_path / "a") == 0
     # interrupted (Ctrl-C) in the middle of branch 2, then the same command again
     calls = {"n": 0}
-    real = recipes.branch_loss
+    real = branch_training.branch_loss
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -165,7 +165,7 @@ def test_interrupted_train_resumes_to_the_same_heads(tmp_path, monkeypatch, caps
         return real(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(recipes, "branch_loss", flaky)
+        m.setattr(branch_training, "branch_loss", flaky)
         assert run_cli(*TRAIN_RANDOM, "--epochs", "3", "--out", tmp_path / "b") == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     ck = json.loads((tmp_path / "b" / "branches" / "branch_2" / "checkpoint.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calexnet_fast import recipes
+from calexnet_fast import branch_training, recipes
 from calexnet_fast.backbones import cifar_resnet
 from calexnet_fast.cascades import Cascade, ReferenceCascade
 from calexnet_fast.features import FeatureCache, head_logits
@@ -265,7 +265,7 @@ def test_recipe_trains_grid_heads_on_cached_features():
     tr, va = cache(160), cache(120)
     rec = recipes.recipe("reference", head="grid", n_prototypes=4, min_support=5)
     assert rec.head_dim == 32
-    res = recipes.train_branches(tr, va, rec, FitConfig(epochs=3, batch_size=32, lr=1e-2), progress=False)
+    res = branch_training.train_branches(tr, va, rec, FitConfig(epochs=3, batch_size=32, lr=1e-2), progress=False)
     assert all(isinstance(h, GridPrototypeHead) for h in res.heads)
     for k, h in enumerate(res.heads):
         acc = (head_logits(h, va, k).argmax(1) == va.labels).float().mean().item()

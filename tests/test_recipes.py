@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calexnet_fast import recipes, training
+from calexnet_fast import branch_training, recipes, training
 from calexnet_fast.backbones import CifarResNet, cifar_resnet
 from calexnet_fast.calibration import calibrate
 from calexnet_fast.cascades import ReferenceCascade
@@ -213,7 +213,7 @@ SMALL = {"head_dim": 8, "n_prototypes": 4, "min_support": 5, "m_train": 0.2}
 def test_branch_weights_come_from_the_previous_branch_at_m_train(name, weighting):
     tr, va = make_caches()
     rec = recipes.recipe(name, weighting=weighting, **SMALL)
-    res = recipes.train_branches(tr, va, rec, FitConfig(epochs=3, batch_size=32, lr=1e-2), progress=False)
+    res = branch_training.train_branches(tr, va, rec, FitConfig(epochs=3, batch_size=32, lr=1e-2), progress=False)
     assert len(res.heads) == 2 and res.weights[0] is None
     if weighting == "none":
         assert res.weights[1] is None and res.train_thresholds is None
@@ -233,7 +233,7 @@ def test_train_branches_resumes_inside_branch_two(tmp_path):
     tr, va = make_caches()
     rec = recipes.recipe("calexnet", **SMALL)
     cfg = FitConfig(epochs=3, batch_size=32, lr=1e-2)
-    ref = recipes.train_branches(tr, va, rec, cfg, out_dir=tmp_path / "ref", progress=False)
+    ref = branch_training.train_branches(tr, va, rec, cfg, out_dir=tmp_path / "ref", progress=False)
 
     class Stop(Exception):
         pass
@@ -243,19 +243,19 @@ def test_train_branches_resumes_inside_branch_two(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        recipes.train_branches(tr, va, rec, cfg, out_dir=tmp_path / "run", progress=False, on_epoch_end=hook)
+        branch_training.train_branches(tr, va, rec, cfg, out_dir=tmp_path / "run", progress=False, on_epoch_end=hook)
     assert (tmp_path / "run" / "branch_1" / "head.safetensors").is_file()
     assert not (tmp_path / "run" / "branch_2" / "head.safetensors").is_file()
-    res = recipes.train_branches(tr, va, rec, cfg, out_dir=tmp_path / "run", progress=False)
+    res = branch_training.train_branches(tr, va, rec, cfg, out_dir=tmp_path / "run", progress=False)
     for a, b in zip(ref.heads, res.heads, strict=True):
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k]), k
     with pytest.raises(RuntimeError, match="different"):
-        recipes.train_branches(
+        branch_training.train_branches(
             tr, va, recipes.recipe("reference", **SMALL), cfg, out_dir=tmp_path / "run", progress=False
         )
     with pytest.raises(RuntimeError, match="different"):  # another training margin: other weights, other heads
-        recipes.train_branches(
+        branch_training.train_branches(
             tr, va, recipes.recipe("calexnet", **{**SMALL, "m_train": 0.1}), cfg, out_dir=tmp_path / "run"
         )
     save_heads(tmp_path / "heads.safetensors", res.heads, {"recipe": rec.to_json()})
@@ -291,7 +291,7 @@ def test_full_recipe_beats_chance_end_to_end(trained):
     bb_acc = (te.backbone_logits.argmax(1) == te.labels).float().mean().item()
     assert bb_acc > 0.6, f"the tiny backbone should learn the synthetic classes (got {bb_acc:.2f})"
     rec = recipes.recipe("calexnet", head_dim=32, n_prototypes=8, min_support=10)
-    res = recipes.train_branches(tr, va, rec, FitConfig(epochs=4, batch_size=64, lr=3e-3), progress=False)
+    res = branch_training.train_branches(tr, va, rec, FitConfig(epochs=4, batch_size=64, lr=3e-3), progress=False)
     zv = branch_logits(res.heads, va)
     thr = calibrate(zv, va.backbone_logits, va.labels, 0.1, aligned=True, min_support=10)
     cascade = ReferenceCascade(bb, res.heads.eval(), thr)
@@ -316,7 +316,7 @@ def test_a_recipe_whose_weights_cannot_act_warns_and_records_it():
     tr, va = make_caches()
     rec = recipes.recipe("calexnet", **{**SMALL, "min_support": len(va) + 1})
     with pytest.warns(RuntimeWarning, match=r"branch 2: .* 0\.0% of the training samples exit"):
-        res = recipes.train_branches(tr, va, rec, FitConfig(epochs=1, batch_size=32, lr=1e-2), progress=False)
+        res = branch_training.train_branches(tr, va, rec, FitConfig(epochs=1, batch_size=32, lr=1e-2), progress=False)
     stats = res.weight_stats[1]
     assert stats["exiting_classes"] == [0] and stats["train_exit_share"] == 0.0
     assert stats["effective_fraction"] == pytest.approx(1.0)
@@ -325,11 +325,11 @@ def test_a_recipe_whose_weights_cannot_act_warns_and_records_it():
 
 def test_a_recipe_whose_weights_act_records_the_exit_share(recwarn):
     tr, va = make_caches()
-    res = recipes.train_branches(
+    res = branch_training.train_branches(
         tr, va, recipes.recipe("calexnet", **SMALL), FitConfig(epochs=3, batch_size=32, lr=1e-2), progress=False
     )
     stats = res.weight_stats[1]
-    assert stats["exiting_classes"][0] > 0 and stats["train_exit_share"] >= recipes.DEGENERATE_EXIT_SHARE
+    assert stats["exiting_classes"][0] > 0 and stats["train_exit_share"] >= branch_training.DEGENERATE_EXIT_SHARE
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning) and "m_train" in str(w.message)]
 
 
@@ -338,7 +338,8 @@ def test_early_stopping_judges_a_weighted_branch_on_weighted_validation_survivor
     the recipe's loss on the validation samples weighted as survivors, the way the training samples are."""
     tr, va = make_caches()
     rec = recipes.recipe("calexnet", **SMALL)
-    res = recipes.train_branches(tr, va, rec, FitConfig(epochs=6, batch_size=32, lr=3e-2, patience=2), progress=False)
+    fit_cfg = FitConfig(epochs=6, batch_size=32, lr=3e-2, patience=2)
+    res = branch_training.train_branches(tr, va, rec, fit_cfg, progress=False)
     z1_val = head_logits(res.heads[0], va, 0)
     w_val = survivor_weights([z1_val], res.train_thresholds, "soft", 0.05, 1e-3)
     best = min(r["val_loss"] for r in res.history[1])
@@ -358,9 +359,10 @@ def test_unweighted_runs_resume_whatever_their_training_margin(tmp_path):
     """Options that do not shape a recipe's heads (the training margin without weights) do not block resuming."""
     tr, va = make_caches()
     cfg = FitConfig(epochs=1, batch_size=32, lr=1e-2)
-    first = recipes.train_branches(tr, va, recipes.recipe("reference", **SMALL), cfg, out_dir=tmp_path, progress=False)
+    ref = recipes.recipe("reference", **SMALL)
+    first = branch_training.train_branches(tr, va, ref, cfg, out_dir=tmp_path, progress=False)
     again = recipes.recipe("reference", **{**SMALL, "m_train": 0.0, "min_support": 9})
-    res = recipes.train_branches(tr, va, again, cfg, out_dir=tmp_path, progress=False)
+    res = branch_training.train_branches(tr, va, again, cfg, out_dir=tmp_path, progress=False)
     for a, b in zip(first.heads, res.heads, strict=True):
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k]), k

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from calexnet_fast import Cascade, backbones, cli
+from calexnet_fast.branch_training import train_branches
 from calexnet_fast.calibration import calibrate_sweep
 from calexnet_fast.evaluation import CompareConfig
 from calexnet_fast.features import build_feature_cache
 from calexnet_fast.normalization import Normalization
-from calexnet_fast.recipes import recipe, train_branches
+from calexnet_fast.recipes import recipe
 from calexnet_fast.run import Run, RunError, SplitLogits, data_and_backbone, dataset_record, load_splits
 from calexnet_fast.training import FitConfig
 

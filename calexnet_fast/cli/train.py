@@ -7,9 +7,10 @@ import sys
 import time
 from dataclasses import asdict
 
+from ..branch_training import train_branches
 from ..data import default_min_support, stratified_subset
 from ..heads import HEADS
-from ..recipes import RECIPE_NAMES, recipe, train_branches
+from ..recipes import RECIPE_NAMES, recipe
 from ..run import CacheConfig, Run, SplitLogits, data_and_backbone
 from ..training import FitConfig, seed_everything
 from .common import (

@@ -1,7 +1,7 @@
 """The compare engine: methods x seeds on one backbone and dataset, one feature cache, Pareto summary.
 
 :func:`run_compare` (``calexnet compare``) computes the backbone's branch features once per split (the
-feature cache), trains every method for every seed from them (CPM recipes: :func:`~calexnet_fast.recipes.
+feature cache), trains every method for every seed from them (CPM recipes: :func:`~calexnet_fast.branch_training.
 train_branches`; baselines: :func:`~calexnet_fast.baselines.train_baseline`), chooses thresholds on one
 stratified half of the test split (or on the validation split, ``calibration="val"``) and sweeps the operating
 parameter on the other half (or the whole test split) (:mod:`.points`), and writes ``results.json``
@@ -29,11 +29,12 @@ import torch
 
 from .. import io
 from ..baselines import BASELINE_NAMES, BaselineConfig, ZTWHead, train_baseline
+from ..branch_training import train_branches
 from ..data import stratified_subset
 from ..distributed import default_device, init_distributed
 from ..features import branch_logits
 from ..flops import FlopsProfile, head_flops, segment_flops
-from ..recipes import RECIPE_NAMES, recipe, train_branches
+from ..recipes import RECIPE_NAMES, recipe
 from ..run import CacheConfig, data_and_backbone, versions
 from ..training import FitConfig, seed_everything
 from .pareto import AREA_RANGE, REDUCTIONS, aggregate, seed_summary, summarize
