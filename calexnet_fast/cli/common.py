@@ -163,6 +163,17 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_patience_arg(g) -> None:
+    """``--patience``: early stopping of each head on its validation loss (``FitConfig.patience``)."""
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="early stopping: stop a head when its validation loss has not improved for this many epochs and "
+        "keep its best epoch (default 0: off)",
+    )
+
+
 def add_calibration_args(g, default: str) -> None:
     """The CPM calibration options on the parser or group ``g``; each is ``None`` unless given, and then
     ``default`` holds (its words end each help line)."""

@@ -8,7 +8,7 @@ from dataclasses import fields
 from ..evaluation import CPM_METHODS, DEFAULT_METHODS, CompareConfig, run_compare
 from ..evaluation.compare import CPM_HEADS
 from ..evaluation.protocol import CALIBRATIONS
-from .common import add_backbone_args, add_cache_args, add_data_args, add_execution_args, setup
+from .common import add_backbone_args, add_cache_args, add_data_args, add_execution_args, add_patience_arg, setup
 
 NAME = "compare"
 HELP = "train and evaluate methods x seeds on one backbone and dataset (accuracy-FLOPs Pareto)"
@@ -91,13 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration-seed", type=int, default=0, help="seed of the test halves (default 0)")
     g = p.add_argument_group("optimisation (the same for every method and head)")
     g.add_argument("--epochs", type=int, default=30, help="per head, at most (default 30)")
-    g.add_argument(
-        "--patience",
-        type=int,
-        default=0,
-        help="early stopping: stop a head when its validation loss has not improved for this many epochs and "
-        "keep its best epoch (default 0: off)",
-    )
+    add_patience_arg(g)
     g.add_argument(
         "--compile-heads", action="store_true", help="torch.compile the training forward (pays off on long runs)"
     )

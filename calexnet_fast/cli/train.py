@@ -19,6 +19,7 @@ from .common import (
     add_calibration_args,
     add_data_args,
     add_execution_args,
+    add_patience_arg,
     device_of,
     log,
     setup,
@@ -105,13 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-prototypes", type=int, help="head prototypes K (32)")
     g = p.add_argument_group("optimisation of each head (on cached features)")
     g.add_argument("--epochs", type=int, default=30, help="per branch, at most (default 30)")
-    g.add_argument(
-        "--patience",
-        type=int,
-        default=0,
-        help="early stopping: stop a head when its validation loss has not improved for this many epochs and "
-        "keep its best epoch (default 0: off)",
-    )
+    add_patience_arg(g)
     g.add_argument("--batch-size", type=int, default=256, help="per process (default 256)")
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
     g.add_argument("--lr", type=float, default=1e-3, help="default 1e-3")
