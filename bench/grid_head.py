@@ -12,7 +12,9 @@ layer2.3, layer3.1; random weights, only the shapes matter; ``--backbone resnet1
 plans fold) it reports, per branch, the FLOPs of the
 default grid head and of today's ``PrototypePoolingHead`` (D = 128, K = 32) as a share of the backbone's,
 and the median CPU time of each head's folded form on a batch of branch features (for the grid head also its
-twin ``grid_head_reference``, the plain eager form its plans replace: ``grid-twin``) next to the time of
+twin ``grid_head_reference``, the plain eager form its plans replace: ``grid-twin``; with the exit decision,
+the plan followed by the reference exit rule, ``grid+rule``, and on CPU in float32 the plan's C++ epilogue
+with the decision in it, ``grid-epilogue``, what ``Cascade`` runs) next to the time of
 the whole backbone in its inference form (BatchNorm folded), in interleaved rounds; channels_last as
 ``calexnet measure`` runs by default (``--contiguous``: NCHW). The issue's bar:
 at most 0.5 % of the backbone's FLOPs and 1 % of its time per head.
@@ -42,6 +44,7 @@ from common import write_json  # noqa: E402
 from calexnet_fast import backbones  # noqa: E402
 from calexnet_fast.backbones import cifar_resnet, inference_form  # noqa: E402
 from calexnet_fast.evaluation.timing import environment, interleaved_medians  # noqa: E402
+from calexnet_fast.exit_rule import exit_decision_reference  # noqa: E402
 from calexnet_fast.flops import head_flops, segment_flops  # noqa: E402
 from calexnet_fast.heads import GridPrototypeHead, PrototypePoolingHead  # noqa: E402
 from calexnet_fast.reference import grid_head_reference  # noqa: E402
@@ -162,6 +165,11 @@ def sass_report(args) -> dict:
     return result
 
 
+def _plan_and_rule(folded, features: torch.Tensor, thresholds: torch.Tensor):
+    """The folded grid head's plan, then the reference exit rule."""
+    return exit_decision_reference(folded(features), thresholds)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu: head cost against the backbone; cuda: the fused kernel")
@@ -210,16 +218,21 @@ def main(argv: list[str] | None = None) -> dict:
                     g = h.fold()
                     sizes = (g.grid, g.feature_grid, g.max_size)
                     fns[f"grid-twin.{k + 1}"] = partial(grid_head_reference, f, *g.operands(), *sizes)
+                    thr = torch.full((10,), 0.5)  # with the exit decision: the plan + the exit rule, and
+                    fns[f"grid+rule.{k + 1}"] = partial(_plan_and_rule, g, f, thr)
+                    if g.plan(f).fused:  # the C++ epilogue (what Cascade runs on CPU)
+                        fns[f"grid-epilogue.{k + 1}"] = partial(g.plan(f).exit, f, thr)
         times = interleaved_medians(fns, torch.device("cpu"), repeats=args.repeats)
-    heads["grid-twin"] = heads["grid"]
-    flops["grid-twin"] = flops["grid"]
+    for name in ("grid-twin", "grid+rule", "grid-epilogue"):
+        if f"{name}.1" in times:
+            heads[name], flops[name] = heads["grid"], flops["grid"]
     rows = []
     layout = "NCHW" if args.contiguous else "channels_last"
     print(
         f"{args.backbone}: {backbone_flops / 1e6:.1f} MFLOPs/sample, {times['backbone'] * 1e3:.2f} ms/batch "
         f"{args.batch} ({layout}, {torch.get_num_threads()} thread(s))"
     )
-    print(f"{'head':<12}{'branch':<10}{'MFLOPs':>8}{'% FLOPs':>9}{'ms':>8}{'% time':>8}")
+    print(f"{'head':<15}{'branch':<10}{'MFLOPs':>8}{'% FLOPs':>9}{'ms':>8}{'% time':>8}")
     for name, hs in heads.items():
         for k in range(len(hs)):
             t = times[f"{name}.{k + 1}"]
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
             rows.append(row)
             print(
-                f"{name:<12}{row['branch']:<10}{row['flops'] / 1e6:>8.3f}{row['flops_pct']:>9.3f}"
+                f"{name:<15}{row['branch']:<10}{row['flops'] / 1e6:>8.3f}{row['flops_pct']:>9.3f}"
                 f"{t * 1e3:>8.3f}{row['time_pct']:>8.2f}"
             )
     payload = {

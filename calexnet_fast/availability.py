@@ -21,7 +21,7 @@ class Plan:
 
     device: str
     compaction: str  # "c++" or "reference"
-    heads: str  # "triton" or "reference"
+    heads: str  # "triton", "c++" (CPU: the grid head's C++ epilogue) or "reference"
     reasons: tuple[str, ...]
 
     def describe(self) -> str:
@@ -45,9 +45,15 @@ def cascade_plan(device_type: str) -> Plan:
         compaction = "c++" if status.cpu_path else "reference"
         if status.cpu_path is None:
             reasons.append(f"CPU op library unavailable: {status.cpu_error}")
-        heads = "reference"
+        heads = "c++" if status.cpu_path else "reference"
         reasons.append(
             "heads run in eager PyTorch on CPU (Triton compiles only for GPUs; its interpreter is for tests)"
+            + (
+                "; grid heads in float32/float64 end in the C++ epilogue grid_head_epilogue (pools, classifier "
+                "and exit decision in one pass)"
+                if status.cpu_path
+                else ""
+            )
         )
     else:
         raise ValueError(f"device_type: expected 'cpu' or 'cuda', got {device_type!r}")

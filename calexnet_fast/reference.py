@@ -393,3 +393,54 @@ def grid_head_exit_reference(
         logits = grid_head_reference(features.float(), *(b.float() for b in buffers), grid, feature_grid, max_size)
     exit_, pred, conf = exit_decision_reference(logits, thresholds)
     return logits, exit_, pred, conf
+
+
+def grid_head_epilogue_reference(
+    u: torch.Tensor,
+    s: torch.Tensor,
+    x: torch.Tensor,
+    s_windows: torch.Tensor,
+    x_windows: torch.Tensor,
+    cls_weight: torch.Tensor,
+    cls_bias: torch.Tensor,
+    thresholds: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch twin of the C++ op ``calexnet_fast::grid_head_epilogue``: the folded grid head after its
+    two matrix products, with the exit decision (``calexnet_fast.heads.grid_plan`` builds the operands).
+
+    Args:
+        u: [N, P, D] the projection after its ReLU, one row per pixel of the working map (row-major).
+        s: [N, P, K] ``u`` times the (normalised, gamma-scaled) prototypes, before the cosine's division.
+        x: [N, C, h, w] the working map (``P = h w``), any memory format.
+        s_windows, x_windows: [W, 4] int64 pixel windows ``(r0, r1, c0, c1)`` pooled over the similarities
+            ``s / max(||u||, eps)`` and over ``x``.
+        cls_weight: [n_classes, F] the classifier over the features: for each window of ``s_windows``, then of
+            ``x_windows``, the max then the mean of the part's vectors over the window (one vector, the
+            pixel's, for a window of one pixel).
+        cls_bias: [n_classes]; thresholds: [n_classes] float32 per-class thresholds.
+        eps: the cosine's norm floor.
+
+    Returns:
+        logits [N, n_classes] in ``u``'s dtype, exit [N] bool, pred [N] int64, conf [N] float32 (as
+        :func:`~calexnet_fast.exit_rule.exit_decision_reference` from those logits).
+    """
+    n, p = u.shape[0], u.shape[1]
+    h, w = x.shape[2], x.shape[3]
+    if s.shape[:2] != u.shape[:2] or x.shape[0] != n or h * w != p:
+        raise ValueError(
+            f"grid_head_epilogue: u {list(u.shape)}, s {list(s.shape)} and x {list(x.shape)} disagree "
+            "(expected the same N, and P = h * w pixels)"
+        )
+    norm = torch.linalg.vector_norm(u, dim=2, keepdim=True).clamp_min(eps)
+    sim = (s / norm).reshape(n, h, w, s.shape[2])  # pixel-major maps
+    features = []
+    for part, windows in ((sim, s_windows), (x.permute(0, 2, 3, 1), x_windows)):
+        for i, (r0, r1, c0, c1) in enumerate(windows.tolist()):
+            if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+                raise ValueError(f"grid_head_epilogue: window {i} = {(r0, r1, c0, c1)} lies outside the {h}x{w} map")
+            cell = part[:, r0:r1, c0:c1, :].reshape(n, (r1 - r0) * (c1 - c0), part.shape[3])
+            features += [cell[:, 0]] if cell.shape[1] == 1 else [cell.amax(dim=1), cell.mean(dim=1)]
+    logits = F.linear(torch.cat(features, dim=1), cls_weight, cls_bias)
+    exit_, pred, conf = exit_decision_reference(logits, thresholds)
+    return logits, exit_, pred, conf

@@ -14,6 +14,7 @@ from calexnet_fast.cascades import Cascade, ReferenceCascade
 from calexnet_fast.features import FeatureCache, head_logits
 from calexnet_fast.flops import head_flops, segment_flops
 from calexnet_fast.heads import FoldedGridPrototypeHead, GridPrototypeHead
+from calexnet_fast.ops import library_status
 from calexnet_fast.recipes import Recipe, make_head
 from calexnet_fast.reference import grid_head_reference
 from calexnet_fast.run import load_heads, save_heads
@@ -279,11 +280,13 @@ def test_bench_script_reports_flops_and_times(tmp_path, one_thread):
     out = bench.main(["--batch", "2", "--repeats", "1", "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["batch"] == 2
     rows = {(r["head"], r["branch"]): r for r in out["heads"]}
-    heads = ("grid", "prototype", "grid-twin")  # grid-twin: the folded grid head's twin, timed beside its plans
+    # grid-twin: the folded grid head's twin, timed beside its plans; with the exit decision: grid+rule (the plan
+    # and the reference exit rule) and grid-epilogue (the C++ epilogue, where the CPU library is loaded)
+    heads = ["grid", "prototype", "grid-twin", "grid+rule"] + ["grid-epilogue"] * bool(library_status().cpu_path)
     assert sorted(rows) == sorted((h, b) for h in heads for b in ("layer1.6", "layer2.3", "layer3.1"))
     for (head, branch), r in rows.items():
         assert r["seconds"] > 0 and 0 < r["flops_pct"] <= (10 if head == "prototype" else 0.5)
-        if head == "grid-twin":
+        if head.startswith("grid"):
             assert r["flops"] == rows[("grid", branch)]["flops"]
     r18 = bench.main(["--backbone", "resnet18", "--batch", "2", "--repeats", "1"])
     assert r18["backbone"] == "resnet18" and {r["branch"] for r in r18["heads"]} == {"layer1", "layer2", "layer3"}

@@ -7,6 +7,9 @@ survivors run stage ``k``, then the branch head and its exit decision:
   ``calexnet_fast.kernels.proto_head_exit`` and a ``GridPrototypeHead`` as ``grid_head_exit`` (head + softmax +
   argmax + threshold test in one pass over the feature map, on the folded head's buffers cast once per head);
   any other head runs as a module followed by the fused ``exit_decision`` kernel;
+- on CPU a ``GridPrototypeHead`` runs its folded form's plan (``calexnet_fast.heads.grid_plan``) with the C++
+  epilogue ``grid_head_epilogue`` (two matrix products in PyTorch, then cosine, pools, classifier and exit
+  decision in one pass; float32 / float64);
 - elsewhere the head runs in its folded inference form (BN folded into the projection) in eager PyTorch,
   followed by the reference exit rule.
 
@@ -179,7 +182,11 @@ class Cascade(ReferenceCascade):
                 sizes = (folded.grid, folded.feature_grid, folded.max_size)
                 logits, exit_, _, _ = grid_head_exit(h, *operands, thresholds, *sizes)
                 return logits, exit_
-            logits = folded(h)
+            plan = folded.plan(h)
+            if plan.fused:  # CPU: the C++ epilogue with the exit decision
+                logits, exit_, _, _ = plan.exit(h, thresholds)
+                return logits, exit_
+            logits = plan(h)
         else:
             logits = head(h)
         decide = exit_decision if fused else exit_decision_reference

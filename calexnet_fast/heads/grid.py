@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..reference import grid_head_reference, grid_pool, working_map
-from .grid_plan import grid_head_plan
+from .grid_plan import GridHeadPlan, grid_head_plan
 from .prototype import FoldedHead, PrototypeProjection, _check_features, check_positive_ints
 
 
@@ -88,6 +88,14 @@ class FoldedGridPrototypeHead(FoldedHead):
     @torch.jit.unused
     def _planned(self, features: torch.Tensor) -> torch.Tensor:
         return grid_head_plan(self, features)(features)
+
+    @torch.jit.unused
+    def plan(self, features: torch.Tensor) -> GridHeadPlan:
+        """The plan (``calexnet_fast.heads.grid_plan``) this head runs for inputs of ``features``' geometry,
+        dtype and device; ``plan.exit(features, thresholds)`` runs the head with its exit decision where
+        ``plan.fused`` (CPU, float32 / float64)."""
+        _check_features(features, self.in_channels, self.proj_weight.device)
+        return grid_head_plan(self, features)
 
     def extra_repr(self) -> str:
         return (

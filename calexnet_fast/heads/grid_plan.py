@@ -17,6 +17,13 @@ dtype, device) from the folded head's buffers and sizes:
 
 It equals the twin up to float rounding (sums in another order). ``FoldedGridPrototypeHead`` runs it in
 eager mode (TorchScript runs the twin); plans are cached per head and rebuilt when a buffer changes.
+
+On CPU in float32 / float64 a plan also runs the head **with its exit decision** (:meth:`GridHeadPlan.exit`,
+what ``Cascade`` uses there): the two matrix products in PyTorch, read straight from the working map in
+its own layout, then the C++ op ``calexnet_fast::grid_head_epilogue`` for the rest in one pass per sample
+(cosine division, every cell's max and mean, classifier, exit rule). Its operands are the plan's: the
+distinct pixel windows of each part's cells, with the classifier's weights of the cells that share a
+window summed (and, for one-pixel windows, max and mean summed).
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..ops import library_status
+from ..ops.grid_head_epilogue import grid_head_epilogue
 from ..reference import cosine_eps, grid_pool, working_map
 
-__all__ = ["GridHeadPlan", "grid_head_plan", "single_pixel_cells"]
+__all__ = ["GridHeadPlan", "cell_windows", "grid_head_plan", "single_pixel_cells"]
 
 # head -> {geometry key: (buffer versions, plan)}, dropped with the head
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -44,6 +53,38 @@ def single_pixel_cells(size: int, cells: int) -> torch.Tensor | None:
     if any(e - s != 1 for s, e in zip(starts, ends, strict=True)):
         return None
     return torch.tensor(starts, dtype=torch.int64)
+
+
+def cell_windows(height: int, width: int, rows: int, cols: int) -> list[tuple[int, int, int, int]]:
+    """The pixel window ``(r0, r1, c0, c1)`` of each cell of a ``rows x cols`` adaptive pooling grid over a
+    ``height x width`` map, row-major (PyTorch's windows, which ``grid_pool`` takes)."""
+    r = [((i * height) // rows, -((-(i + 1) * height) // rows)) for i in range(rows)]
+    c = [((j * width) // cols, -((-(j + 1) * width) // cols)) for j in range(cols)]
+    return [(r0, r1, c0, c1) for r0, r1 in r for c0, c1 in c]
+
+
+def epilogue_part(
+    w_max: torch.Tensor, w_mean: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part's operands of ``grid_head_epilogue``: its distinct windows [W, 4] and its classifier columns
+    [n_classes, width] (float64) in the op's feature order, from the part's classifier weights ``w_max``,
+    ``w_mean`` [n_classes, ch, rows, cols]: cells with the same window have their columns summed (the pools
+    are the same there), and a one-pixel window, where max and mean are the pixel, is read once with both."""
+    n_cls, ch, rows, cols = w_max.shape
+    index: dict[tuple[int, int, int, int], int] = {}
+    windows = cell_windows(height, width, rows, cols)
+    for window in windows:
+        index.setdefault(window, len(index))
+    summed = torch.zeros(len(index), 2, n_cls, ch, dtype=torch.float64)
+    for cell, window in enumerate(windows):
+        gi, gj = divmod(cell, cols)
+        summed[index[window], 0] += w_max[:, :, gi, gj].double()
+        summed[index[window], 1] += w_mean[:, :, gi, gj].double()
+    columns = []
+    for (r0, r1, c0, c1), i in index.items():
+        one_pixel = r1 - r0 == 1 and c1 - c0 == 1
+        columns += [summed[i, 0] + summed[i, 1]] if one_pixel else [summed[i, 0], summed[i, 1]]
+    return torch.tensor(list(index), dtype=torch.int64).reshape(-1, 4), torch.cat(columns, dim=1)
 
 
 class _Part:
@@ -115,6 +156,14 @@ class GridHeadPlan:
         self.proj_bias = proj_bias.detach().to(dtype)
         self.prototypes = prototypes.detach().to(dtype).contiguous()  # [K, D]
         self.dim, self.n_prototypes = d, k
+        self.fused = device.type == "cpu" and dtype in (torch.float32, torch.float64) and _cpu_kernel()
+        if self.fused:  # grid_head_epilogue's operands
+            s_windows, s_cols = epilogue_part(s_max.reshape(s_shape), s_mean.reshape(s_shape), self.h, self.w)
+            x_windows, x_cols = epilogue_part(x_max.reshape(x_shape), x_mean.reshape(x_shape), self.h, self.w)
+            cols = torch.cat([s_cols, x_cols], dim=1).to(dtype).contiguous()
+            self.epilogue = (s_windows, x_windows, cols, self.cls_bias)
+            self.proj_weight_t = self.proj_weight.t().contiguous()  # [C, D]
+            self.prototypes_t = self.prototypes.t().contiguous()  # [D, K]
 
     def _similarity(self, x: torch.Tensor) -> torch.Tensor:
         """``s`` [N, K, h, w] (a channels_last view) of the channels_last working map ``x``."""
@@ -133,6 +182,24 @@ class GridHeadPlan:
         s = self._similarity(x)
         values = self.s_part.values(s) + self.x_part.values(x)
         return F.linear(torch.cat(values, dim=1), self.cls_weight, self.cls_bias)
+
+    def exit(
+        self, features: torch.Tensor, thresholds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits [N, n_classes] (``features.dtype``), exit [N] bool, pred [N] int64 and conf [N] float32 of the
+        head and the exit rule with per-class ``thresholds`` [n_classes] (module docstring; the plan must be
+        :attr:`fused`: CPU, float32 or float64, the C++ library loaded)."""
+        x = working_map(features, self.max_size)  # [N, C, h, w], its own layout
+        n, c, h, w = x.shape
+        u = torch.matmul(x.permute(0, 2, 3, 1).reshape(n, h * w, c), self.proj_weight_t)  # [N, P, D]
+        u.add_(self.proj_bias).relu_()
+        s = torch.matmul(u, self.prototypes_t)  # [N, P, K]
+        return grid_head_epilogue(u, s, x, *self.epilogue, thresholds.float().contiguous(), self.eps)
+
+
+def _cpu_kernel() -> bool:
+    """Whether ``grid_head_epilogue`` runs the C++ kernel on CPU (not the twin registered in its place)."""
+    return library_status().cpu_path is not None
 
 
 def grid_head_plan(head, features: torch.Tensor) -> GridHeadPlan:

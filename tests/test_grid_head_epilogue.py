@@ -1,0 +1,182 @@
+"""grid_head_epilogue: the C++ CPU op against its twin, and the grid head's plan with the exit decision
+(``GridHeadPlan.exit``, what ``Cascade`` runs on CPU) against the reference head and exit rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calexnet_fast import Cascade, ReferenceCascade
+from calexnet_fast.exit_rule import exit_decision_reference
+from calexnet_fast.heads import GridPrototypeHead
+from calexnet_fast.heads import grid_plan as grid_plan_module
+from calexnet_fast.heads.grid_plan import cell_windows
+from calexnet_fast.ops.grid_head_epilogue import grid_head_epilogue
+from calexnet_fast.reference import grid_head_epilogue_reference, grid_head_reference
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-11, atol=1e-11)}
+
+
+def _windows(h, w, rows, cols, extra=()):
+    """The cells of a rows x cols grid over an h x w map (duplicates dropped), plus ``extra`` windows."""
+    return torch.tensor(list(dict.fromkeys([*cell_windows(h, w, rows, cols), *extra])), dtype=torch.int64)
+
+
+def _features(windows, ch):
+    return sum(ch if (r1 - r0) * (c1 - c0) == 1 else 2 * ch for r0, r1, c0, c1 in windows.tolist())
+
+
+def _operands(n, h, w, c, k=5, d=6, n_classes=7, dtype=torch.float64, layout="contiguous", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, h * w, d, generator=gen, dtype=dtype).relu_()
+    s = torch.randn(n, h * w, k, generator=gen, dtype=dtype)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other channel of a wider map
+        x = torch.randn(n, 2 * c, h, w, generator=gen, dtype=dtype)[:, ::2]
+    s_windows = _windows(h, w, 2, 2)
+    x_windows = _windows(h, w, 3, 2, extra=[(0, h, 0, w)])
+    width = _features(s_windows, k) + _features(x_windows, c)
+    weight = torch.randn(n_classes, width, generator=gen, dtype=dtype)
+    bias = torch.randn(n_classes, generator=gen, dtype=dtype)
+    thresholds = torch.rand(n_classes, generator=gen) * 0.6 + 0.2
+    return [u, s, x, s_windows, x_windows, weight, bias, thresholds, 1e-8]
+
+
+def _assert_same(got, want, dtype, thresholds):
+    logits, exit_, pred, conf = got
+    r_logits, r_exit, r_pred, r_conf = want
+    assert logits.dtype == dtype and exit_.dtype == torch.bool and pred.dtype == torch.int64
+    assert conf.dtype == torch.float32
+    torch.testing.assert_close(logits, r_logits, **TOL[dtype])
+    torch.testing.assert_close(conf, r_conf, rtol=1e-5, atol=1e-6)
+    assert torch.equal(pred, r_pred)
+    away = (r_conf - thresholds[r_pred]).abs() > 1e-4  # the decisions agree away from the thresholds
+    assert away.float().mean() > 0.8 and torch.equal(exit_[away], r_exit[away])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("geometry", [(8, 8, 16), (4, 4, 9), (2, 2, 33), (5, 7, 3), (1, 1, 17), (3, 1, 20)])
+def test_op_matches_twin(dtype, layout, geometry):
+    h, w, c = geometry
+    ops = _operands(13, h, w, c, dtype=dtype, layout=layout, seed=h * 100 + w * 10 + c)
+    _assert_same(grid_head_epilogue(*ops), grid_head_epilogue_reference(*ops), dtype, ops[7])
+
+
+def test_op_reads_every_stride():
+    """u and s as non-contiguous views, cls_weight rows wider than 16 lanes and n_classes not a multiple of 4."""
+    ops = _operands(6, 4, 4, 40, k=19, d=21, n_classes=11)
+    ops[0] = torch.randn(6, 21, 16, dtype=torch.float64).relu_().transpose(1, 2)
+    ops[1] = torch.randn(6, 19, 16, dtype=torch.float64).transpose(1, 2)
+    _assert_same(grid_head_epilogue(*ops), grid_head_epilogue_reference(*ops), torch.float64, ops[7])
+
+
+def test_op_empty_batch_and_nan():
+    ops = _operands(0, 4, 4, 8)
+    logits, exit_, pred, conf = grid_head_epilogue(*ops)
+    assert logits.shape == (0, 7) and exit_.shape == pred.shape == conf.shape == (0,)
+    ops = _operands(3, 4, 4, 8)
+    ops[2][1, 2, 1, 3] = float("nan")  # a NaN feature of sample 1: max and mean pools both propagate it
+    ops[1][2, 5, 0] = float("nan")  # a NaN similarity of sample 2
+    logits, exit_, pred, conf = grid_head_epilogue(*ops)
+    r_logits, r_exit, r_pred, r_conf = grid_head_epilogue_reference(*ops)
+    assert torch.isnan(logits[1:]).all() and not torch.isnan(logits[0]).any()
+    assert torch.isnan(conf[1:]).all() and not exit_[1:].any()
+    assert torch.equal(pred, r_pred) and torch.equal(exit_, r_exit)
+    assert torch.equal(pred, torch.argmax(logits.float(), dim=1))
+
+
+def test_op_thresholds_decide():
+    ops = _operands(20, 4, 4, 8)
+    ops[7] = torch.zeros(7)  # everything exits
+    assert grid_head_epilogue(*ops)[1].all()
+    ops[7] = torch.full((7,), float("inf"))  # nothing does
+    assert not grid_head_epilogue(*ops)[1].any()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda o: o.__setitem__(3, torch.tensor([[0, 5, 0, 1]])), r"s_windows\[0\] = \(0, 5, 0, 1\) lies outside"),
+        (lambda o: o.__setitem__(4, torch.tensor([[1, 1, 0, 2]])), r"x_windows\[0\] = \(1, 1, 0, 2\) lies outside"),
+        (lambda o: o.__setitem__(5, o[5][:, 1:].contiguous()), r"cls_weight: expected a contiguous tensor \[7, "),
+        (lambda o: o.__setitem__(0, o[0].half()), r"u: expected torch.float32 or torch.float64, got torch.float16"),
+        (lambda o: o.__setitem__(2, o[2].float()), r"s, x and cls_bias: expected the dtype of u"),
+        (lambda o: o.__setitem__(2, o[2][:, :, :2]), r"disagree \(expected the same N, and P = h \* w pixels\)"),
+        (lambda o: o.__setitem__(7, o[7][:3]), r"thresholds: expected a contiguous torch.float32 tensor \[7\]"),
+        (lambda o: o.__setitem__(3, o[3].int()), r"s_windows: expected a contiguous int64 CPU tensor \[W, 4\]"),
+    ],
+)
+def test_op_errors(change, message):
+    ops = _operands(2, 4, 4, 8)
+    change(ops)
+    with pytest.raises(RuntimeError, match=message):
+        grid_head_epilogue(*ops)
+
+
+def _head(c, n_classes=10, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    head = GridPrototypeHead(c, n_classes, **kwargs)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+        head.bn.running_mean.normal_()
+        head.bn.running_var.uniform_(0.5, 2.0)
+    return head.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize(
+    "shape, sizes",
+    [
+        ((64, 8, 8), {}),
+        ((128, 4, 4), {}),
+        ((256, 2, 2), {}),
+        ((24, 16, 16), {}),  # pooled to the 8 x 8 working map first
+        ((12, 5, 7), {"grid": 3, "feature_grid": 2}),
+        ((10, 3, 3), {"grid": 2, "feature_grid": 4, "max_size": 3}),
+    ],
+)
+def test_plan_exit_matches_reference(dtype, layout, shape, sizes):
+    c, h, w = shape
+    folded = _head(c, **sizes).fold().to(dtype)
+    features = torch.randn(9, c, h, w, dtype=dtype).contiguous(memory_format=layout)
+    thresholds = torch.rand(10) * 0.5 + 0.3
+    plan = folded.plan(features)
+    assert plan.fused
+    got = plan.exit(features, thresholds)
+    logits = grid_head_reference(features, *folded.operands(), folded.grid, folded.feature_grid, folded.max_size)
+    _assert_same(got, (logits, *exit_decision_reference(logits, thresholds)), dtype, thresholds)
+
+
+def test_plan_exit_empty_batch_and_other_dtypes():
+    folded = _head(32).fold()
+    logits, exit_, _, _ = folded.plan(torch.randn(0, 32, 4, 4)).exit(torch.randn(0, 32, 4, 4), torch.zeros(10))
+    assert logits.shape == (0, 10) and exit_.shape == (0,)
+    for dtype in (torch.bfloat16, torch.float16):  # 16-bit inputs keep the plan and the reference exit rule
+        assert not folded.to(dtype).plan(torch.randn(2, 32, 4, 4, dtype=dtype)).fused
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cascade_on_cpu_with_and_without_the_epilogue(monkeypatch, kernel):
+    """Cascade (the C++ epilogue, or the plan and the exit rule where the op does not run) == ReferenceCascade."""
+    monkeypatch.setattr(grid_plan_module, "_cpu_kernel", lambda: kernel)
+    torch.manual_seed(0)
+    stages = [torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, stride=2, padding=1)]
+    stages.append(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10)))
+    heads = [_head(16, seed=1), _head(16, seed=2)]
+    ref = ReferenceCascade([s.double() for s in stages], [h.double() for h in heads], n_classes=10).eval()
+    x = torch.randn(40, 3, 8, 8, dtype=torch.float64)
+    with torch.inference_mode():
+        sim = ref.simulate(x)
+        conf = torch.softmax(sim.branch_logits.float(), dim=2).amax(dim=2)
+        ref.set_thresholds(torch.stack([c.quantile(0.6).expand(10) for c in conf]) + 1e-4)
+        fast = Cascade.from_reference(ref)
+        assert fast.folded_head(0, x.device).plan(ref.stages[0](x)).fused == kernel
+        out, want = fast(x), ref(x)
+    assert 0 < int((want.exit_index < 3).sum()) < 40
+    assert torch.equal(out.exit_index, want.exit_index)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-10, atol=1e-10)
