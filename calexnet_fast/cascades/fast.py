@@ -167,7 +167,7 @@ class Cascade(ReferenceCascade):
         the exit rule (the Triton kernel on CUDA, the reference elsewhere)."""
         head = self.heads[k]
         thresholds = self.thresholds[k]
-        fused = self.plan(h.device).heads == "triton" and h.is_cuda
+        fused = h.is_cuda and self.plan(h.device).heads == "triton"
         if isinstance(head, PrototypePoolingHead):
             folded = self.folded_head(k, h.device)
             if fused:
