@@ -157,7 +157,11 @@ def test_plan_exit_empty_batch_and_other_dtypes():
     logits, exit_, _, _ = folded.plan(torch.randn(0, 32, 4, 4)).exit(torch.randn(0, 32, 4, 4), torch.zeros(10))
     assert logits.shape == (0, 10) and exit_.shape == (0,)
     for dtype in (torch.bfloat16, torch.float16):  # 16-bit inputs keep the plan and the reference exit rule
-        assert not folded.to(dtype).plan(torch.randn(2, 32, 4, 4, dtype=dtype)).fused
+        features = torch.randn(2, 32, 4, 4, dtype=dtype)
+        plan = folded.to(dtype).plan(features)
+        assert not plan.fused
+        with pytest.raises(RuntimeError, match="this plan has no C\\+\\+ epilogue"):
+            plan.exit(features, torch.zeros(10))
 
 
 @pytest.mark.parametrize("kernel", [True, False])

@@ -189,6 +189,12 @@ class GridHeadPlan:
         """Logits [N, n_classes] (``features.dtype``), exit [N] bool, pred [N] int64 and conf [N] float32 of the
         head and the exit rule with per-class ``thresholds`` [n_classes] (module docstring; the plan must be
         :attr:`fused`: CPU, float32 or float64, the C++ library loaded)."""
+        if not self.fused:
+            raise RuntimeError(
+                "GridHeadPlan.exit: this plan has no C++ epilogue (it needs CPU float32/float64 inputs and the "
+                "CPU op library; `python -m calexnet_fast.info` says whether it loaded): run the plan, then "
+                "calexnet_fast.exit_rule.exit_decision_reference"
+            )
         x = working_map(features, self.max_size)  # [N, C, h, w], its own layout
         n, c, h, w = x.shape
         u = torch.matmul(x.permute(0, 2, 3, 1).reshape(n, h * w, c), self.proj_weight_t)  # [N, P, D]
