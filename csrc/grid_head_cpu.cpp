@@ -17,8 +17,9 @@
 #include <type_traits>
 #include <vector>
 
-// Vector width is chosen at load time where the compiler can clone a function per x86-64 level (GCC).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// Vector width is chosen at load time where the compiler can clone a function per x86-64 level (GCC >= 11,
+// which knows the x86-64-v3/v4 levels); elsewhere one build for the compiler's target.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__)
 #define CALEX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CALEX_CLONES
