@@ -441,6 +441,7 @@ def grid_head_epilogue_reference(
                 raise ValueError(f"grid_head_epilogue: window {i} = {(r0, r1, c0, c1)} lies outside the {h}x{w} map")
             cell = part[:, r0:r1, c0:c1, :].reshape(n, (r1 - r0) * (c1 - c0), part.shape[3])
             features += [cell[:, 0]] if cell.shape[1] == 1 else [cell.amax(dim=1), cell.mean(dim=1)]
-    logits = F.linear(torch.cat(features, dim=1), cls_weight, cls_bias)
+    pooled = torch.cat(features, dim=1) if features else u.new_zeros((n, 0))  # no windows: the bias alone
+    logits = F.linear(pooled, cls_weight, cls_bias)
     exit_, pred, conf = exit_decision_reference(logits, thresholds)
     return logits, exit_, pred, conf

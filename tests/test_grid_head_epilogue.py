@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from calexnet_fast import Cascade, ReferenceCascade
 from calexnet_fast.exit_rule import exit_decision_reference
@@ -63,6 +65,39 @@ def test_op_matches_twin(dtype, layout, geometry):
     h, w, c = geometry
     ops = _operands(13, h, w, c, dtype=dtype, layout=layout, seed=h * 100 + w * 10 + c)
     _assert_same(grid_head_epilogue(*ops), grid_head_epilogue_reference(*ops), dtype, ops[7])
+
+
+@st.composite
+def _random_case(draw):
+    """Any map size, channel counts and windows (repeated, overlapping, one-pixel), any layout of x."""
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    n, c, k, d = (draw(st.integers(lo, hi)) for lo, hi in ((0, 5), (1, 40), (1, 20), (1, 12)))
+    n_classes = draw(st.integers(1, 13))
+
+    def windows():
+        r = [sorted(draw(st.lists(st.integers(0, h), min_size=2, max_size=2, unique=True))) for _ in range(2)]
+        cols = [sorted(draw(st.lists(st.integers(0, w), min_size=2, max_size=2, unique=True))) for _ in range(2)]
+        return [(*r[i], *cols[i]) for i in range(2)]
+
+    found = [windows() for _ in range(draw(st.integers(0, 4)))]
+    s_windows = torch.tensor([win for pair in found for win in pair[:1]], dtype=torch.int64).reshape(-1, 4)
+    x_windows = torch.tensor([win for pair in found for win in pair], dtype=torch.int64).reshape(-1, 4)
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
+    return n, h, w, c, k, d, n_classes, s_windows, x_windows, layout, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_random_case())
+def test_op_matches_twin_on_random_windows(case):
+    n, h, w, c, k, d, n_classes, s_windows, x_windows, layout, seed = case
+    ops = _operands(n, h, w, c, k=k, d=d, n_classes=n_classes, layout=layout, seed=seed)
+    width = _features(s_windows, k) + _features(x_windows, c)
+    ops[3], ops[4] = s_windows, x_windows
+    ops[5] = torch.randn(n_classes, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got, want = grid_head_epilogue(*ops), grid_head_epilogue_reference(*ops)
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float64])
+    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2], want[2])
 
 
 def test_op_reads_every_stride():
