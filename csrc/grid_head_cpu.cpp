@@ -13,7 +13,6 @@
 #include "grid_head_cpu.h"
 
 #include <cmath>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
