@@ -13,8 +13,8 @@ plans fold) it reports, per branch, the FLOPs of the
 default grid head and of today's ``PrototypePoolingHead`` (D = 128, K = 32) as a share of the backbone's,
 and the median CPU time of each head's folded form on a batch of branch features (for the grid head also its
 twin ``grid_head_reference``, the plain eager form its plans replace: ``grid-twin``; with the exit decision,
-the plan followed by the reference exit rule, ``grid+rule``, and on CPU in float32 the plan's C++ epilogue
-with the decision in it, ``grid-epilogue``, what ``Cascade`` runs) next to the time of
+the plan followed by the reference exit rule, ``grid+rule``, and on CPU in float32 the plan's C++ op
+``grid_plan_exit``, the whole head with the decision in it, ``grid-exit``, what ``Cascade`` runs) next to the time of
 the whole backbone in its inference form (BatchNorm folded), in interleaved rounds; channels_last as
 ``calexnet measure`` runs by default (``--contiguous``: NCHW). The issue's bar:
 at most 0.5 % of the backbone's FLOPs and 1 % of its time per head.
@@ -220,10 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
                     fns[f"grid-twin.{k + 1}"] = partial(grid_head_reference, f, *g.operands(), *sizes)
                     thr = torch.full((10,), 0.5)  # with the exit decision: the plan + the exit rule, and
                     fns[f"grid+rule.{k + 1}"] = partial(_plan_and_rule, g, f, thr)
-                    if g.plan(f).fused:  # the C++ epilogue (what Cascade runs on CPU)
-                        fns[f"grid-epilogue.{k + 1}"] = partial(g.plan(f).exit, f, thr)
+                    if g.plan(f).fused:  # the C++ op (what Cascade runs on CPU)
+                        fns[f"grid-exit.{k + 1}"] = partial(g.plan(f).exit, f, thr)
         times = interleaved_medians(fns, torch.device("cpu"), repeats=args.repeats)
-    for name in ("grid-twin", "grid+rule", "grid-epilogue"):
+    for name in ("grid-twin", "grid+rule", "grid-exit"):
         if f"{name}.1" in times:
             heads[name], flops[name] = heads["grid"], flops["grid"]
     rows = []

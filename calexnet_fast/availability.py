@@ -21,7 +21,7 @@ class Plan:
 
     device: str
     compaction: str  # "c++" or "reference"
-    heads: str  # "triton", "c++" (CPU: the grid head's C++ epilogue) or "reference"
+    heads: str  # "triton", "c++" (CPU: the grid head's C++ exit path) or "reference"
     reasons: tuple[str, ...]
 
     def describe(self) -> str:
@@ -49,8 +49,8 @@ def cascade_plan(device_type: str) -> Plan:
         reasons.append(
             "heads run in eager PyTorch on CPU (Triton compiles only for GPUs; its interpreter is for tests)"
             + (
-                "; grid heads in float32/float64 end in the C++ epilogue grid_head_epilogue (pools, classifier "
-                "and exit decision in one pass)"
+                "; grid heads in float32/float64 run as the C++ op grid_plan_exit (the whole head and the exit "
+                "decision in one pass per sample)"
                 if status.cpu_path
                 else ""
             )

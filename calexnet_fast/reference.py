@@ -395,10 +395,11 @@ def grid_head_exit_reference(
     return logits, exit_, pred, conf
 
 
-def grid_head_epilogue_reference(
-    u: torch.Tensor,
-    s: torch.Tensor,
+def grid_plan_exit_reference(
     x: torch.Tensor,
+    proj_weight_t: torch.Tensor,
+    proj_bias: torch.Tensor,
+    prototypes_t: torch.Tensor,
     s_windows: torch.Tensor,
     x_windows: torch.Tensor,
     cls_weight: torch.Tensor,
@@ -406,15 +407,17 @@ def grid_head_epilogue_reference(
     thresholds: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch twin of the C++ op ``calexnet_fast::grid_head_epilogue``: the folded grid head after its
-    two matrix products, with the exit decision (``calexnet_fast.heads.grid_plan`` builds the operands).
+    """Plain-PyTorch twin of the C++ op ``calexnet_fast::grid_plan_exit``: the folded grid head on its working
+    map, with the classifier's columns laid out over pixel windows (``calexnet_fast.heads.grid_plan`` builds
+    the operands), and the exit decision.
 
     Args:
-        u: [N, P, D] the projection after its ReLU, one row per pixel of the working map (row-major).
-        s: [N, P, K] ``u`` times the (normalised, gamma-scaled) prototypes, before the cosine's division.
-        x: [N, C, h, w] the working map (``P = h w``), any memory format.
+        x: [N, C, h, w] the working map (``P = h w`` pixels, row-major), any memory format.
+        proj_weight_t: [C, D] the folded projection, transposed; proj_bias: [D].
+        prototypes_t: [D, K] the normalised, gamma-scaled prototypes, transposed.
         s_windows, x_windows: [W, 4] int64 pixel windows ``(r0, r1, c0, c1)`` pooled over the similarities
-            ``s / max(||u||, eps)`` and over ``x``.
+            ``s / max(||u||, eps)`` (``u = relu(x @ proj_weight_t + proj_bias)`` per pixel,
+            ``s = u @ prototypes_t``) and over ``x``.
         cls_weight: [n_classes, F] the classifier over the features: for each window of ``s_windows``, then of
             ``x_windows``, the max then the mean of the part's vectors over the window (one vector, the
             pixel's, for a window of one pixel).
@@ -422,26 +425,27 @@ def grid_head_epilogue_reference(
         eps: the cosine's norm floor.
 
     Returns:
-        logits [N, n_classes] in ``u``'s dtype, exit [N] bool, pred [N] int64, conf [N] float32 (as
+        logits [N, n_classes] in ``x``'s dtype, exit [N] bool, pred [N] int64, conf [N] float32 (as
         :func:`~calexnet_fast.exit_rule.exit_decision_reference` from those logits).
     """
-    n, p = u.shape[0], u.shape[1]
-    h, w = x.shape[2], x.shape[3]
-    if s.shape[:2] != u.shape[:2] or x.shape[0] != n or h * w != p:
+    n, c, h, w = x.shape
+    if proj_weight_t.shape[0] != c or proj_weight_t.shape[1] != prototypes_t.shape[0]:
         raise ValueError(
-            f"grid_head_epilogue: u {list(u.shape)}, s {list(s.shape)} and x {list(x.shape)} disagree "
-            "(expected the same N, and P = h * w pixels)"
+            f"grid_plan_exit: x {list(x.shape)}, proj_weight_t {list(proj_weight_t.shape)} and prototypes_t "
+            f"{list(prototypes_t.shape)} disagree (expected [N, C, h, w], [C, D] and [D, K])"
         )
+    u = torch.relu(x.permute(0, 2, 3, 1).reshape(n, h * w, c) @ proj_weight_t + proj_bias)  # [N, P, D]
+    s = u @ prototypes_t  # [N, P, K]
     norm = torch.linalg.vector_norm(u, dim=2, keepdim=True).clamp_min(eps)
     sim = (s / norm).reshape(n, h, w, s.shape[2])  # pixel-major maps
     features = []
     for part, windows in ((sim, s_windows), (x.permute(0, 2, 3, 1), x_windows)):
         for i, (r0, r1, c0, c1) in enumerate(windows.tolist()):
             if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
-                raise ValueError(f"grid_head_epilogue: window {i} = {(r0, r1, c0, c1)} lies outside the {h}x{w} map")
+                raise ValueError(f"grid_plan_exit: window {i} = {(r0, r1, c0, c1)} lies outside the {h}x{w} map")
             cell = part[:, r0:r1, c0:c1, :].reshape(n, (r1 - r0) * (c1 - c0), part.shape[3])
             features += [cell[:, 0]] if cell.shape[1] == 1 else [cell.amax(dim=1), cell.mean(dim=1)]
-    pooled = torch.cat(features, dim=1) if features else u.new_zeros((n, 0))  # no windows: the bias alone
+    pooled = torch.cat(features, dim=1) if features else x.new_zeros((n, 0))  # no windows: the bias alone
     logits = F.linear(pooled, cls_weight, cls_bias)
     exit_, pred, conf = exit_decision_reference(logits, thresholds)
     return logits, exit_, pred, conf

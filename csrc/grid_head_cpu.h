@@ -1,4 +1,4 @@
-// The CPU kernel of calexnet_fast::grid_head_epilogue (semantics: grid_head_cpu.cpp).
+// The CPU kernel of calexnet_fast::grid_plan_exit (semantics: grid_head_cpu.cpp).
 #pragma once
 
 #include <tuple>
@@ -7,8 +7,9 @@
 
 namespace calexnet_fast {
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> grid_head_epilogue_cpu(Tensor u, Tensor s, Tensor x, Tensor s_windows,
-                                                                  Tensor x_windows, Tensor cls_weight, Tensor cls_bias,
-                                                                  Tensor thresholds, double eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor> grid_plan_exit_cpu(Tensor x, Tensor proj_weight_t, Tensor proj_bias,
+                                                              Tensor prototypes_t, Tensor s_windows, Tensor x_windows,
+                                                              Tensor cls_weight, Tensor cls_bias, Tensor thresholds,
+                                                              double eps);
 
 }  // namespace calexnet_fast

@@ -102,13 +102,14 @@ STABLE_TORCH_LIBRARY(calexnet_fast, m) {
   m.def("scatter_rows_(Tensor(a!) out, Tensor src, Tensor index) -> ()");
   m.def("scatter_rows(Tensor out, Tensor src, Tensor index) -> Tensor");
   m.def(
-      "grid_head_epilogue(Tensor u, Tensor s, Tensor x, Tensor s_windows, Tensor x_windows, Tensor cls_weight, "
-      "Tensor cls_bias, Tensor thresholds, float eps) -> (Tensor logits, Tensor exit, Tensor pred, Tensor conf)");
+      "grid_plan_exit(Tensor x, Tensor proj_weight_t, Tensor proj_bias, Tensor prototypes_t, Tensor s_windows, "
+      "Tensor x_windows, Tensor cls_weight, Tensor cls_bias, Tensor thresholds, float eps) -> (Tensor logits, "
+      "Tensor exit, Tensor pred, Tensor conf)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(calexnet_fast, CPU, m) {
   m.impl("compact", TORCH_BOX(&calexnet_fast::compact_cpu));
   m.impl("scatter_rows_", TORCH_BOX(&calexnet_fast::scatter_rows__cpu));
   m.impl("scatter_rows", TORCH_BOX(&calexnet_fast::scatter_rows_copy<&calexnet_fast::scatter_rows__cpu>));
-  m.impl("grid_head_epilogue", TORCH_BOX(&calexnet_fast::grid_head_epilogue_cpu));
+  m.impl("grid_plan_exit", TORCH_BOX(&calexnet_fast::grid_plan_exit_cpu));
 }

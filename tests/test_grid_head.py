@@ -210,8 +210,8 @@ def test_cascade_matches_reference_cascade(quantile, device, grid_head):
     assert a.exit_index.unique().numel() > 1 or quantile == 0.0
     # the fast cascade ran the folded head (on CUDA the fused kernel, which reads the same cached folded head),
     # and so does its TorchScript form
-    assert all(isinstance(v[1], FoldedGridPrototypeHead) for v in fast._folded_cache.values())
-    assert len(fast._folded_cache) >= 1
+    assert all(isinstance(b.folded, FoldedGridPrototypeHead) for b in fast._branches.values())
+    assert len(fast._branches) >= 1
     c = fast.to_torchscript()(x)
     torch.testing.assert_close(c.exit_index, a.exit_index, rtol=0, atol=0)
     torch.testing.assert_close(c.logits, a.logits, rtol=1e-4, atol=1e-4)
@@ -281,8 +281,8 @@ def test_bench_script_reports_flops_and_times(tmp_path, one_thread):
     assert json.loads((tmp_path / "r.json").read_text())["batch"] == 2
     rows = {(r["head"], r["branch"]): r for r in out["heads"]}
     # grid-twin: the folded grid head's twin, timed beside its plans; with the exit decision: grid+rule (the plan
-    # and the reference exit rule) and grid-epilogue (the C++ epilogue, where the CPU library is loaded)
-    heads = ["grid", "prototype", "grid-twin", "grid+rule"] + ["grid-epilogue"] * bool(library_status().cpu_path)
+    # and the reference exit rule) and grid-exit (the C++ op, where the CPU library is loaded)
+    heads = ["grid", "prototype", "grid-twin", "grid+rule"] + ["grid-exit"] * bool(library_status().cpu_path)
     assert sorted(rows) == sorted((h, b) for h in heads for b in ("layer1.6", "layer2.3", "layer3.1"))
     for (head, branch), r in rows.items():
         assert r["seconds"] > 0 and 0 < r["flops_pct"] <= (10 if head == "prototype" else 0.5)

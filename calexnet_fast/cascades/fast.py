@@ -7,9 +7,10 @@ survivors run stage ``k``, then the branch head and its exit decision:
   ``calexnet_fast.kernels.proto_head_exit`` and a ``GridPrototypeHead`` as ``grid_head_exit`` (head + softmax +
   argmax + threshold test in one pass over the feature map, on the folded head's buffers cast once per head);
   any other head runs as a module followed by the fused ``exit_decision`` kernel;
-- on CPU a ``GridPrototypeHead`` runs its folded form's plan (``calexnet_fast.heads.grid_plan``) with the C++
-  epilogue ``grid_head_epilogue`` (two matrix products in PyTorch, then cosine, pools, classifier and exit
-  decision in one pass; float32 / float64);
+- on CPU a ``GridPrototypeHead`` runs its folded form's plan (``calexnet_fast.heads.grid_plan``) as the C++
+  op ``grid_plan_exit`` (the whole head and the exit decision in one pass per sample; float32 / float64),
+  its plan and threshold row looked up in one pass over a flat record of what they were derived from (the
+  lookup runs between two stages, where every Python object it touches is a cache miss);
 - elsewhere the head runs in its folded inference form (BN folded into the projection) in eager PyTorch,
   followed by the reference exit rule.
 
@@ -30,11 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from ..availability import Plan, cascade_plan
 from ..exit_rule import CascadeOutput, exit_decision_reference
 from ..heads import FoldedGridPrototypeHead, FoldedPrototypeHead, GridPrototypeHead, PrototypePoolingHead
+from ..heads.grid_plan import GridHeadPlan
 from ..kernels import (
     exit_decision,
     grid_head_exit,
@@ -53,10 +54,68 @@ __all__ = ["Cascade"]
 _FOLDABLE = (PrototypePoolingHead, GridPrototypeHead)  # heads with a fold() inference form
 
 
-def _state_key(module: nn.Module, device: torch.device) -> tuple:
-    """Changes whenever a parameter or buffer of ``module`` is replaced or modified in place."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return (device, tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (None for an inference tensor, which has none)."""
+    return None if t.is_inference() else t._version
+
+
+class _Sources:
+    """Where a branch's inference form comes from: the head in the cascade's head list, and every submodule,
+    parameter and buffer of the head where it sits, each tensor with its address and version.
+
+    :meth:`unchanged` tells in one pass over these flat lists (no module traversal: it runs between two
+    stages, where every Python object it touches is a cache miss) whether any of them was replaced (also
+    through ``.to()`` or ``load_state_dict`` with ``assign``), moved, or modified in place."""
+
+    def __init__(self, cascade: ReferenceCascade, k: int) -> None:
+        head = cascade.heads[k]
+        self.modules = [(cascade._modules, "heads", cascade.heads), (cascade.heads._modules, str(k), head)]
+        self.tensors = []
+        for m in head.modules():
+            self.modules += [(m._modules, name, sub) for name, sub in m._modules.items()]
+            for owner in (m._parameters, m._buffers):
+                self.tensors += [(owner, n, t, t.data_ptr(), _version(t)) for n, t in owner.items() if t is not None]
+
+    def unchanged(self) -> bool:
+        for owner, name, module in self.modules:
+            if owner.get(name) is not module:
+                return False
+        for owner, name, t, ptr, version in self.tensors:
+            if owner.get(name) is not t or t.data_ptr() != ptr or (version is not None and t._version != version):
+                return False
+        return True
+
+
+class _Branch:
+    """Branch ``k``'s head in its inference form on one device (``None`` for a head without one), with what
+    ``Cascade`` derives from it once: the grid head's plans by input geometry and the branch's float32 threshold
+    row."""
+
+    def __init__(self, cascade: ReferenceCascade, k: int, device: torch.device) -> None:
+        self.k, self.device = k, device
+        self.sources = _Sources(cascade, k)
+        head = cascade.heads[k]
+        self.folded = head.fold().to(device) if isinstance(head, _FOLDABLE) else None
+        self.plans: dict[tuple, GridHeadPlan] = {}
+        self._row: tuple | None = None  # (thresholds, address, version, row)
+
+    def plan(self, h: torch.Tensor) -> GridHeadPlan:
+        """The folded grid head's plan for ``h``'s geometry and dtype."""
+        key = (h.shape[1], h.shape[2], h.shape[3], h.dtype)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = self.folded.plan(h)
+        return plan
+
+    def thresholds(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """The branch's row of the cascade's ``thresholds`` as a contiguous float32 tensor, cached until they
+        are replaced or modified."""
+        row = self._row
+        if row is None or row[0] is not thresholds or row[1] != thresholds.data_ptr() or row[2] != thresholds._version:
+            version = _version(thresholds)
+            row = (thresholds, thresholds.data_ptr(), version, thresholds[self.k].float().contiguous())
+            self._row = row if version is not None else None  # an inference tensor changes unseen: not cached
+        return row[3]
 
 
 class Cascade(ReferenceCascade):
@@ -68,7 +127,7 @@ class Cascade(ReferenceCascade):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._folded_cache: dict[int, tuple[tuple, FoldedPrototypeHead | FoldedGridPrototypeHead]] = {}
+        self._branches: dict[int, _Branch] = {}
 
     @classmethod
     def from_reference(cls, reference: ReferenceCascade) -> Cascade:
@@ -138,14 +197,18 @@ class Cascade(ReferenceCascade):
         return cascade_plan(torch.device(device).type)
 
     def folded_head(self, k: int, device: torch.device) -> FoldedPrototypeHead | FoldedGridPrototypeHead:
-        """Head ``k``'s inference form on ``device``, refolded whenever the head's weights change."""
-        head = self.heads[k]
-        key = _state_key(head, device)
-        cached = self._folded_cache.get(k)
-        if cached is None or cached[0] != key:
-            cached = (key, head.fold().to(device))
-            self._folded_cache[k] = cached
-        return cached[1]
+        """Head ``k``'s inference form on ``device``, refolded whenever the head (or one of its weights) is
+        replaced or modified. The form is derived: change the head, not the form."""
+        folded = self._branch(k, device).folded
+        if folded is None:
+            raise ValueError(f"heads[{k}]: a {type(self.heads[k]).__name__} has no inference form (no fold())")
+        return folded
+
+    def _branch(self, k: int, device: torch.device) -> _Branch:
+        branch = self._branches.get(k)
+        if branch is None or branch.device != device or not branch.sources.unchanged():
+            branch = self._branches[k] = _Branch(self, k, device)
+        return branch
 
     def forward(self, x: torch.Tensor) -> CascadeOutput:
         """Run the cascade, each stage only on the samples still in it.
@@ -165,6 +228,13 @@ class Cascade(ReferenceCascade):
     def _head_exit(self, k: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Branch ``k`` as the plan for ``h``'s device says: the fused kernel, or the (folded) head and
         the exit rule (the Triton kernel on CUDA, the reference elsewhere)."""
+        if not h.is_cuda:  # CPU: a grid head's plan with the C++ exit, from the branch's cached forms
+            branch = self._branch(k, h.device)
+            if isinstance(branch.folded, FoldedGridPrototypeHead):
+                plan = branch.plan(h)
+                if plan.fused:
+                    logits, exit_, _, _ = plan.exit(h, branch.thresholds(self.thresholds))
+                    return logits, exit_
         head = self.heads[k]
         thresholds = self.thresholds[k]
         fused = h.is_cuda and self.plan(h.device).heads == "triton"
@@ -182,11 +252,7 @@ class Cascade(ReferenceCascade):
                 sizes = (folded.grid, folded.feature_grid, folded.max_size)
                 logits, exit_, _, _ = grid_head_exit(h, *operands, thresholds, *sizes)
                 return logits, exit_
-            plan = folded.plan(h)
-            if plan.fused:  # CPU: the C++ epilogue with the exit decision
-                logits, exit_, _, _ = plan.exit(h, thresholds)
-                return logits, exit_
-            logits = plan(h)
+            logits = folded.plan(h)(h)
         else:
             logits = head(h)
         decide = exit_decision if fused else exit_decision_reference

@@ -19,11 +19,12 @@ It equals the twin up to float rounding (sums in another order). ``FoldedGridPro
 eager mode (TorchScript runs the twin); plans are cached per head and rebuilt when a buffer changes.
 
 On CPU in float32 / float64 a plan also runs the head **with its exit decision** (:meth:`GridHeadPlan.exit`,
-what ``Cascade`` uses there): the two matrix products in PyTorch, read straight from the working map in
-its own layout, then the C++ op ``calexnet_fast::grid_head_epilogue`` for the rest in one pass per sample
-(cosine division, every cell's max and mean, classifier, exit rule). Its operands are the plan's: the
-distinct pixel windows of each part's cells, with the classifier's weights of the cells that share a
-window summed (and, for one-pixel windows, max and mean summed).
+what ``Cascade`` uses there): the C++ op ``calexnet_fast::grid_plan_exit`` on the working map in its own
+layout, one pass per sample (projection and ReLU, prototype products, cosine division, every cell's max and
+mean, classifier, exit rule), no intermediate tensors and one operator call. Its operands are the plan's:
+the transposed projection and prototypes, the distinct pixel windows of each part's cells, with the
+classifier's weights of the cells that share a window summed (and, for one-pixel windows, max and mean
+summed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import library_status
-from ..ops.grid_head_epilogue import grid_head_epilogue
+from ..ops.grid_plan_exit import grid_plan_exit
 from ..reference import cosine_eps, grid_pool, working_map
 
 __all__ = ["GridHeadPlan", "cell_windows", "grid_head_plan", "single_pixel_cells"]
@@ -66,7 +67,7 @@ def cell_windows(height: int, width: int, rows: int, cols: int) -> list[tuple[in
 def epilogue_part(
     w_max: torch.Tensor, w_mean: torch.Tensor, height: int, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One part's operands of ``grid_head_epilogue``: its distinct windows [W, 4] and its classifier columns
+    """One part's operands of ``grid_plan_exit``: its distinct windows [W, 4] and its classifier columns
     [n_classes, width] (float64) in the op's feature order, from the part's classifier weights ``w_max``,
     ``w_mean`` [n_classes, ch, rows, cols]: cells with the same window have their columns summed (the pools
     are the same there), and a one-pixel window, where max and mean are the pixel, is read once with both."""
@@ -157,13 +158,13 @@ class GridHeadPlan:
         self.prototypes = prototypes.detach().to(dtype).contiguous()  # [K, D]
         self.dim, self.n_prototypes = d, k
         self.fused = device.type == "cpu" and dtype in (torch.float32, torch.float64) and _cpu_kernel()
-        if self.fused:  # grid_head_epilogue's operands
+        if self.fused:  # grid_plan_exit's operands
             s_windows, s_cols = epilogue_part(s_max.reshape(s_shape), s_mean.reshape(s_shape), self.h, self.w)
             x_windows, x_cols = epilogue_part(x_max.reshape(x_shape), x_mean.reshape(x_shape), self.h, self.w)
             cols = torch.cat([s_cols, x_cols], dim=1).to(dtype).contiguous()
-            self.epilogue = (s_windows, x_windows, cols, self.cls_bias)
-            self.proj_weight_t = self.proj_weight.t().contiguous()  # [C, D]
-            self.prototypes_t = self.prototypes.t().contiguous()  # [D, K]
+            proj_t, prototypes_t = self.proj_weight.t().contiguous(), self.prototypes.t().contiguous()
+            self.exit_operands = (proj_t, self.proj_bias.contiguous(), prototypes_t, s_windows, x_windows, cols)
+            self.exit_operands += (self.cls_bias.contiguous(),)
 
     def _similarity(self, x: torch.Tensor) -> torch.Tensor:
         """``s`` [N, K, h, w] (a channels_last view) of the channels_last working map ``x``."""
@@ -191,20 +192,16 @@ class GridHeadPlan:
         :attr:`fused`: CPU, float32 or float64, the C++ library loaded)."""
         if not self.fused:
             raise RuntimeError(
-                "GridHeadPlan.exit: this plan has no C++ epilogue (it needs CPU float32/float64 inputs and the "
+                "GridHeadPlan.exit: this plan has no C++ exit path (it needs CPU float32/float64 inputs and the "
                 "CPU op library; `python -m calexnet_fast.info` says whether it loaded): run the plan, then "
                 "calexnet_fast.exit_rule.exit_decision_reference"
             )
         x = working_map(features, self.max_size)  # [N, C, h, w], its own layout
-        n, c, h, w = x.shape
-        u = torch.matmul(x.permute(0, 2, 3, 1).reshape(n, h * w, c), self.proj_weight_t)  # [N, P, D]
-        u.add_(self.proj_bias).relu_()
-        s = torch.matmul(u, self.prototypes_t)  # [N, P, K]
-        return grid_head_epilogue(u, s, x, *self.epilogue, thresholds.float().contiguous(), self.eps)
+        return grid_plan_exit(x, *self.exit_operands, thresholds.float().contiguous(), self.eps)
 
 
 def _cpu_kernel() -> bool:
-    """Whether ``grid_head_epilogue`` runs the C++ kernel on CPU (not the twin registered in its place)."""
+    """Whether ``grid_plan_exit`` runs the C++ kernel on CPU (not the twin registered in its place)."""
     return library_status().cpu_path is not None
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..reference import (
     compact_reference,
-    grid_head_epilogue_reference,
+    grid_plan_exit_reference,
     scatter_rows__reference,
     scatter_rows_reference,
 )
@@ -64,9 +64,10 @@ def _load(name: str) -> tuple[str | None, str | None]:
     return str(path), None
 
 
-_GRID_HEAD_EPILOGUE = (  # as in csrc/ops_cpu.cpp
-    "grid_head_epilogue(Tensor u, Tensor s, Tensor x, Tensor s_windows, Tensor x_windows, Tensor cls_weight, "
-    "Tensor cls_bias, Tensor thresholds, float eps) -> (Tensor logits, Tensor exit, Tensor pred, Tensor conf)"
+_GRID_PLAN_EXIT = (  # as in csrc/ops_cpu.cpp
+    "grid_plan_exit(Tensor x, Tensor proj_weight_t, Tensor proj_bias, Tensor prototypes_t, Tensor s_windows, "
+    "Tensor x_windows, Tensor cls_weight, Tensor cls_bias, Tensor thresholds, float eps) -> (Tensor logits, "
+    "Tensor exit, Tensor pred, Tensor conf)"
 )
 
 
@@ -75,7 +76,7 @@ def _define_python_schema() -> None:
     lib.define("compact(Tensor x, Tensor mask) -> (Tensor rows, Tensor index)")
     lib.define("scatter_rows_(Tensor(a!) out, Tensor src, Tensor index) -> ()")
     lib.define("scatter_rows(Tensor out, Tensor src, Tensor index) -> Tensor")
-    lib.define(_GRID_HEAD_EPILOGUE)
+    lib.define(_GRID_PLAN_EXIT)
     _KEEP_ALIVE.append(lib)
 
 
@@ -89,17 +90,17 @@ def _register_reference(device: str) -> None:
     lib.impl("compact", compact_reference, dispatch_key)
     lib.impl("scatter_rows_", _scatter_rows__noreturn, dispatch_key)
     lib.impl("scatter_rows", scatter_rows_reference, dispatch_key)
-    if device == "cpu":  # (on CUDA the twin is registered always, by _register_grid_head_epilogue_cuda)
-        lib.impl("grid_head_epilogue", grid_head_epilogue_reference, dispatch_key)
+    if device == "cpu":  # (on CUDA the twin is registered always, by _register_grid_plan_exit_cuda)
+        lib.impl("grid_plan_exit", grid_plan_exit_reference, dispatch_key)
     _KEEP_ALIVE.append(lib)
     _STATUS.fallbacks.append(device)
 
 
-def _register_grid_head_epilogue_cuda() -> None:
-    """``grid_head_epilogue`` has no CUDA kernel (the fused Triton kernel is the fast path there): its twin."""
+def _register_grid_plan_exit_cuda() -> None:
+    """``grid_plan_exit`` has no CUDA kernel (the fused Triton kernel is the fast path there): its twin."""
     if torch.version.cuda is not None:
         lib = torch.library.Library("calexnet_fast", "IMPL")  # noqa: TOR901
-        lib.impl("grid_head_epilogue", grid_head_epilogue_reference, "CUDA")
+        lib.impl("grid_plan_exit", grid_plan_exit_reference, "CUDA")
         _KEEP_ALIVE.append(lib)
 
 
@@ -154,4 +155,4 @@ if os.environ.get("CALEXNET_NO_EXTENSION") == "1":
     _disable_libraries()
 else:
     _load_all()
-_register_grid_head_epilogue_cuda()
+_register_grid_plan_exit_cuda()
