@@ -143,7 +143,7 @@ step env 20 5 0 \
   "'$PY' -c \"$versions\""
 
 # 2. Build and install with the CUDA op library. Estimate 45 s: a clean build of both libraries (CMake configure,
-# ops_cpu.cpp, grid_head_cpu.cpp (the grid head's CPU op, cloned per x86-64 level where GCC >= 11 compiles it) and
+# ops_cpu.cpp, grid_head_cpu.cpp (the grid head's CPU op, cloned per x86-64 level where GCC >= 11 compiles it), pool_cpu.cpp and
 # ops_cuda.cu with cub for sm_90, compiled in parallel) took 30 s on the 2 shared cores of the CPU
 # machine (.ci/compile_check.sh), plus ~10 s for pip's wheel and install; the GPU machine has 16 cores.
 step build 120 45 0 \

@@ -21,8 +21,8 @@ For each model and profile, images/s measured in interleaved rounds (median) of:
 - with ``--compile``: the ``torch.compile``d backbone and compiled streaming stages (compiled vs compiled).
 
 All run in the same form: with ``--fold`` (default) the frozen stages take their inference form
-(``inference_form``: BatchNorm folded into the convolutions, max pools of contiguous CPU maps run in
-channels_last) for the backbone and the cascades alike. Against them, two ideals: the
+(``inference_form``: BatchNorm folded into the convolutions, max pools of contiguous CPU maps run by the C++
+op ``max_pool2d``) for the backbone and the cascades alike. Against them, two ideals: the
 FLOPs-ideal 1 / (1 - r) and the time-ideal, from each stage's and each head's measured time at a full
 batch weighted by the fraction of samples reaching it (what the cascade would reach if nothing cost more
 on fewer rows and nothing else cost anything), and achieved / ideal for both modes. Then the kernel

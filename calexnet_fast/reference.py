@@ -13,6 +13,11 @@ tested against, and what runs wherever a fast path cannot.
   ``calexnet_fast.kernels.grid_head_exit``: the folded grid head in float32, then the exit rule.
 - ``proto_head_exit_reference(...) -> (logits, exit, pred, conf)``: twin of the fused kernel
   ``calexnet_fast.kernels.proto_head_exit``: the folded head in float32, then the exit rule.
+- ``grid_plan_exit_reference(x, ...) -> (logits, exit, pred, conf)``: twin of the C++ op
+  ``calexnet_fast.ops.grid_plan_exit``: the folded grid head on its working map, laid out by its CPU plan, and
+  the exit rule.
+- ``max_pool2d_reference(x, kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w)``: twin of the C++ op
+  ``calexnet_fast.ops.max_pool2d`` (torch's max pooling, dilation 1, floor mode).
 - The exit rule's own twin, ``exit_decision_reference`` (of ``calexnet_fast.kernels.exit_decision``), is the
   exit rule itself and lives in ``calexnet_fast.exit_rule``.
 
@@ -50,6 +55,8 @@ __all__ = [
     "folded_head_reference",
     "grid_head_exit_reference",
     "grid_head_reference",
+    "grid_plan_exit_reference",
+    "max_pool2d_reference",
     "working_map",
     "grid_pool",
     "last_occurrence",
@@ -449,3 +456,11 @@ def grid_plan_exit_reference(
     logits = F.linear(pooled, cls_weight, cls_bias)
     exit_, pred, conf = exit_decision_reference(logits, thresholds)
     return logits, exit_, pred, conf
+
+
+def max_pool2d_reference(
+    x: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, padding_h: int, padding_w: int
+) -> torch.Tensor:
+    """Plain-PyTorch twin of the C++ op ``calexnet_fast::max_pool2d``: ``torch.nn.functional.max_pool2d`` with
+    dilation 1 and floor mode (windows clipped to the map, a NaN in a window propagates)."""
+    return F.max_pool2d(x, (kernel_h, kernel_w), (stride_h, stride_w), (padding_h, padding_w))

@@ -1,7 +1,8 @@
 // CPU kernels of the calexnet_fast batch ops, and the op schemas (this library is always loaded first); the
-// grid head's CPU epilogue is in grid_head_cpu.cpp.
+// grid head's CPU op is in grid_head_cpu.cpp, the inference form's max pool in pool_cpu.cpp.
 #include "grid_head_cpu.h"
 #include "ops_common.h"
+#include "pool_cpu.h"
 
 #include <cstring>
 #include <tuple>
@@ -105,6 +106,9 @@ STABLE_TORCH_LIBRARY(calexnet_fast, m) {
       "grid_plan_exit(Tensor x, Tensor proj_weight_t, Tensor proj_bias, Tensor prototypes_t, Tensor s_windows, "
       "Tensor x_windows, Tensor cls_weight, Tensor cls_bias, Tensor thresholds, float eps) -> (Tensor logits, "
       "Tensor exit, Tensor pred, Tensor conf)");
+  m.def(
+      "max_pool2d(Tensor x, int kernel_h, int kernel_w, int stride_h, int stride_w, int padding_h, int padding_w) "
+      "-> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(calexnet_fast, CPU, m) {
@@ -112,4 +116,5 @@ STABLE_TORCH_LIBRARY_IMPL(calexnet_fast, CPU, m) {
   m.impl("scatter_rows_", TORCH_BOX(&calexnet_fast::scatter_rows__cpu));
   m.impl("scatter_rows", TORCH_BOX(&calexnet_fast::scatter_rows_copy<&calexnet_fast::scatter_rows__cpu>));
   m.impl("grid_plan_exit", TORCH_BOX(&calexnet_fast::grid_plan_exit_cpu));
+  m.impl("max_pool2d", TORCH_BOX(&calexnet_fast::max_pool2d_cpu));
 }

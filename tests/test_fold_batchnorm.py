@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from calexnet_fast import backbones
-from calexnet_fast.backbones import ChannelsLastMaxPool2d, fold_batchnorm, inference_form
+from calexnet_fast.backbones import InferenceMaxPool2d, fold_batchnorm, inference_form
 from calexnet_fast.cascades import Cascade
 from calexnet_fast.heads import PrototypePoolingHead
+from calexnet_fast.ops import library_status
 
 
 def _randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
@@ -126,9 +127,9 @@ def test_inference_form_pools_in_channels_last_with_the_same_values(arch):
     bb = getattr(backbones, arch)(10, input_size=32)
     _randomize_batchnorm(bb)
     form = inference_form(bb)
-    pools = [m for m in form.modules() if isinstance(m, ChannelsLastMaxPool2d)]
+    pools = [m for m in form.modules() if isinstance(m, InferenceMaxPool2d)]
     assert len(pools) == 1 and _count_bn(form) == 0  # the stem pool of a torchvision ResNet
-    assert not any(isinstance(m, ChannelsLastMaxPool2d) for m in bb.modules())  # the original is untouched
+    assert not any(isinstance(m, InferenceMaxPool2d) for m in bb.modules())  # the original is untouched
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(form(x), fold_batchnorm(bb)(x), rtol=0, atol=0)
@@ -137,17 +138,27 @@ def test_inference_form_pools_in_channels_last_with_the_same_values(arch):
         Cascade(bb, [PrototypePoolingHead(c, 10, dim=8, n_prototypes=2) for c in bb.branch_channels])
     )
     assert (
-        isinstance(cascade, Cascade)
-        and sum(isinstance(m, ChannelsLastMaxPool2d) for m in cascade.stages.modules()) == 1
+        isinstance(cascade, Cascade) and sum(isinstance(m, InferenceMaxPool2d) for m in cascade.stages.modules()) == 1
     )
     with torch.inference_mode():  # the inference form scripts too (Cascade.to_torchscript), with the same outputs
         torch.testing.assert_close(cascade.to_torchscript()(x).logits, cascade(x).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_channels_last_max_pool_equals_the_pool(layout, device):
-    pool = nn.MaxPool2d(3, 2, 1)
-    wrapped = ChannelsLastMaxPool2d(pool)
+@pytest.mark.parametrize(
+    "pool, dtype",
+    [
+        (nn.MaxPool2d(3, 2, 1), torch.float32),  # the C++ op on CPU
+        (nn.MaxPool2d((3, 2), (1, 2), (1, 0)), torch.float64),
+        (nn.MaxPool2d(3, 2, 1), torch.bfloat16),  # channels_last on CPU
+        (nn.MaxPool2d(3, 2, 1, ceil_mode=True), torch.float32),
+        (nn.MaxPool2d(2, dilation=2), torch.float32),
+    ],
+)
+def test_inference_max_pool_equals_the_pool(layout, pool, dtype, device):
+    wrapped = InferenceMaxPool2d(pool)
+    loaded = library_status().cpu_path is not None
+    assert wrapped._op == (loaded and not pool.ceil_mode and pool.dilation == 1)  # else channels_last (CPU)
     x = torch.randn(4, 6, 11, 9)
     x[0, 0, 0, 0] = float("nan")
     x[1, 2] = float("-inf")
@@ -155,11 +166,11 @@ def test_channels_last_max_pool_equals_the_pool(layout, device):
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = torch.randn(4, 6, 11, 18)[..., ::2]
-    x = x.to(device)
+    x = x.to(device, dtype)
     got, want = wrapped(x), pool(x)
     assert got.is_contiguous() == want.is_contiguous()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(wrapped(x[:0]), pool(x[:0]))
     with pytest.raises(ValueError, match="without return_indices"):
-        ChannelsLastMaxPool2d(nn.MaxPool2d(2, return_indices=True))
-    assert isinstance(inference_form(nn.MaxPool2d(2)), ChannelsLastMaxPool2d)
+        InferenceMaxPool2d(nn.MaxPool2d(2, return_indices=True))
+    assert isinstance(inference_form(nn.MaxPool2d(2)), InferenceMaxPool2d)

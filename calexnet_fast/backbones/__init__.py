@@ -38,7 +38,7 @@ from .cifar import (
 from .classmap import ClassMap, with_class_map
 from .custom import from_stages
 from .generic import declared_input, from_model
-from .inference import ChannelsLastMaxPool2d, fold_batchnorm, inference_form
+from .inference import InferenceMaxPool2d, fold_batchnorm, inference_form
 from .sources import build_model, file_sha256, is_model_source
 from .spec import TORCHVISION_ARCHS, BackboneSpec, build_backbone, cifar_depth, cifar_variant, trainable_backbone
 from .staged import FrozenStage, StagedBackbone
@@ -48,7 +48,7 @@ __all__ = [
     "CIFAR_RESNET_DEPTHS",
     "TORCHVISION_ARCHS",
     "BackboneSpec",
-    "ChannelsLastMaxPool2d",
+    "InferenceMaxPool2d",
     "CifarResNet",
     "ClassMap",
     "FrozenStage",

@@ -13,11 +13,13 @@ only when the convolution's output goes nowhere else and neither module is calle
 cannot be traced is searched child by child, with adjacent pairs in an ``nn.Sequential`` folded.
 
 :func:`inference_form` does that and also replaces every ``nn.MaxPool2d`` (without ``return_indices``) by
-:class:`ChannelsLastMaxPool2d`, which pools a contiguous (NCHW) CPU tensor in channels_last and hands it back
-contiguous: the same values (a maximum does not depend on the layout), but PyTorch 2.14's NCHW CPU kernel for
-the 3x3 / stride-2 stem pool of a torchvision ResNet took 4.2 ms on a [64, 64, 16, 16] map where the
-channels_last one took 0.24 ms (2 threads, this project's CPU machine), about a fifth of a ResNet-18's time at
-32 x 32. Other devices and layouts pool as before.
+:class:`InferenceMaxPool2d`, which pools a contiguous (NCHW) float32 / float64 CPU tensor with the C++ op
+``calexnet_fast.ops.max_pool2d`` (one pass over the map; where the op library is missing, or for dilated or
+ceil-mode pools, in channels_last and handed back contiguous): the same values, but PyTorch 2.14's NCHW CPU
+kernel for the 3x3 / stride-2 stem pool of a torchvision ResNet took ~5 ms on a [64, 64, 16, 16] map, about a
+fifth of a ResNet-18's time at 32 x 32, where the channels_last one took 0.9 ms with its two layout copies and
+the op 0.2 ms (2 threads, this project's CPU machine; docs/design.md §2). Other devices and layouts pool as
+before.
 """
 
 from __future__ import annotations
@@ -29,29 +31,41 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.utils import _pair
 
-__all__ = ["ChannelsLastMaxPool2d", "fold_batchnorm", "inference_form"]
+from ..ops import library_status
+
+__all__ = ["InferenceMaxPool2d", "fold_batchnorm", "inference_form"]
 
 
-class ChannelsLastMaxPool2d(nn.Module):
-    """``pool`` (an ``nn.MaxPool2d``) evaluated in channels_last for contiguous 4-D CPU inputs, the output
-    returned contiguous; otherwise ``pool`` itself. Same values either way."""
+class InferenceMaxPool2d(nn.Module):
+    """``pool`` (an ``nn.MaxPool2d``) with the same values, fast on CPU: a contiguous 4-D float32 / float64 CPU
+    input goes to the C++ op ``calexnet_fast.ops.max_pool2d`` (dilation 1, floor mode, the op library
+    loaded), any other contiguous 4-D CPU input is pooled in channels_last and handed back contiguous, and
+    everything else goes to ``pool`` itself."""
 
     def __init__(self, pool: nn.MaxPool2d) -> None:
         super().__init__()
         if not isinstance(pool, nn.MaxPool2d) or pool.return_indices:
             raise ValueError(f"pool: expected an nn.MaxPool2d without return_indices, got {pool!r}")
         self.pool = pool
+        stride = pool.stride if pool.stride is not None else pool.kernel_size  # (None: the kernel size)
+        self._kernel, self._stride, self._padding = (list(_pair(v)) for v in (pool.kernel_size, stride, pool.padding))
+        plain = _pair(pool.dilation) == (1, 1) and not pool.ceil_mode
+        self._op = plain and library_status().cpu_path is not None  # (TorchScript: decided once, here)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
             return self.pool(x)
+        if self._op and (x.dtype == torch.float32 or x.dtype == torch.float64):
+            k, s, p = self._kernel, self._stride, self._padding
+            return torch.ops.calexnet_fast.max_pool2d(x, k[0], k[1], s[0], s[1], p[0], p[1])
         return self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 def inference_form(module: nn.Module) -> nn.Module:
     """The inference form of frozen stages: :func:`fold_batchnorm`, then every ``nn.MaxPool2d`` of the
-    (folded) stages wrapped in :class:`ChannelsLastMaxPool2d` (module docstring). Same arguments, same
+    (folded) stages wrapped in :class:`InferenceMaxPool2d` (module docstring). Same arguments, same
     copy semantics and outputs equal to the original's to float rounding (the pools: exactly)."""
     folded = fold_batchnorm(module)
     stages = getattr(folded, "stages", None)
@@ -63,9 +77,9 @@ def inference_form(module: nn.Module) -> nn.Module:
     ]
     for name in pools:
         parent_name, _, attr = name.rpartition(".")
-        setattr(root.get_submodule(parent_name), attr, ChannelsLastMaxPool2d(root.get_submodule(name)))
+        setattr(root.get_submodule(parent_name), attr, InferenceMaxPool2d(root.get_submodule(name)))
     if type(folded) is nn.MaxPool2d and not folded.return_indices:
-        return ChannelsLastMaxPool2d(folded)
+        return InferenceMaxPool2d(folded)
     return folded
 
 

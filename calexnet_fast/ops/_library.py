@@ -20,6 +20,7 @@ import torch
 from ..reference import (
     compact_reference,
     grid_plan_exit_reference,
+    max_pool2d_reference,
     scatter_rows__reference,
     scatter_rows_reference,
 )
@@ -69,6 +70,10 @@ _GRID_PLAN_EXIT = (  # as in csrc/ops_cpu.cpp
     "Tensor x_windows, Tensor cls_weight, Tensor cls_bias, Tensor thresholds, float eps) -> (Tensor logits, "
     "Tensor exit, Tensor pred, Tensor conf)"
 )
+_MAX_POOL2D = (  # as in csrc/ops_cpu.cpp
+    "max_pool2d(Tensor x, int kernel_h, int kernel_w, int stride_h, int stride_w, int padding_h, int padding_w) "
+    "-> Tensor"
+)
 
 
 def _define_python_schema() -> None:
@@ -77,6 +82,7 @@ def _define_python_schema() -> None:
     lib.define("scatter_rows_(Tensor(a!) out, Tensor src, Tensor index) -> ()")
     lib.define("scatter_rows(Tensor out, Tensor src, Tensor index) -> Tensor")
     lib.define(_GRID_PLAN_EXIT)
+    lib.define(_MAX_POOL2D)
     _KEEP_ALIVE.append(lib)
 
 
@@ -90,17 +96,20 @@ def _register_reference(device: str) -> None:
     lib.impl("compact", compact_reference, dispatch_key)
     lib.impl("scatter_rows_", _scatter_rows__noreturn, dispatch_key)
     lib.impl("scatter_rows", scatter_rows_reference, dispatch_key)
-    if device == "cpu":  # (on CUDA the twin is registered always, by _register_grid_plan_exit_cuda)
+    if device == "cpu":  # (on CUDA the twins are registered always, by _register_cpu_only_ops_cuda)
         lib.impl("grid_plan_exit", grid_plan_exit_reference, dispatch_key)
+        lib.impl("max_pool2d", max_pool2d_reference, dispatch_key)
     _KEEP_ALIVE.append(lib)
     _STATUS.fallbacks.append(device)
 
 
-def _register_grid_plan_exit_cuda() -> None:
-    """``grid_plan_exit`` has no CUDA kernel (the fused Triton kernel is the fast path there): its twin."""
+def _register_cpu_only_ops_cuda() -> None:
+    """``grid_plan_exit`` and ``max_pool2d`` have no CUDA kernels (the fused Triton kernel and torch's own pool
+    are the fast paths there): their twins."""
     if torch.version.cuda is not None:
         lib = torch.library.Library("calexnet_fast", "IMPL")  # noqa: TOR901
         lib.impl("grid_plan_exit", grid_plan_exit_reference, "CUDA")
+        lib.impl("max_pool2d", max_pool2d_reference, "CUDA")
         _KEEP_ALIVE.append(lib)
 
 
@@ -155,4 +164,4 @@ if os.environ.get("CALEXNET_NO_EXTENSION") == "1":
     _disable_libraries()
 else:
     _load_all()
-_register_grid_plan_exit_cuda()
+_register_cpu_only_ops_cuda()
