@@ -140,8 +140,8 @@ class _Outputs:
 
     def write(self, ids: torch.Tensor, logits: torch.Tensor, exit_value: int) -> None:
         """Rows ``ids`` reached a stage with these logits (a deeper stage overwrites them later)."""
-        dest = ids - self.base
-        self.logits.index_copy_(0, dest, logits.to(self.logits.dtype))
+        dest = ids - self.base if self.base else ids
+        self.logits.index_copy_(0, dest, logits if logits.dtype == self.logits.dtype else logits.to(self.logits.dtype))
         self.exit_index.index_fill_(0, dest, exit_value)
 
     def pop(self, start: int, end: int) -> CascadeOutput:
@@ -329,6 +329,9 @@ class Stream:
         h, logits, exit_ = self._steps[k](rows)
         self._outputs.write(ids, logits, k + 1)
         if exit_ is None:  # the last stage: every row leaves here
+            return
+        if not h.is_cuda and not bool(exit_.any()):  # CPU, nothing exits: the rows and ids as they are
+            self._push(k + 1, _Segment(h, ids, lo, hi, owned=True))
             return
         h, keep = self.cascade._compact(h, ~exit_)  # on CUDA: the run's one host sync (the survivor count)
         if h.shape[0] > 0:
