@@ -20,6 +20,10 @@ For each model and profile, images/s measured in interleaved rounds (median) of:
   the batch: every stage runs on full batches, survivors re-batched across input batches;
 - with ``--compile``: the ``torch.compile``d backbone and compiled streaming stages (compiled vs compiled).
 
+The speedups (``x batch``, ``x stream``, ``x compiled``) are medians over the rounds of each round's ratio to
+the backbone timed in the same round, so that a drift of the shared machine's speed between rounds cancels
+out (the images/s columns are per-candidate medians and need not divide into them exactly).
+
 All run in the same form: with ``--fold`` (default) the frozen stages take their inference form
 (``inference_form``: BatchNorm folded into the convolutions, max pools of contiguous CPU maps run by the C++
 op ``max_pool2d``) for the backbone and the cascades alike. Against them, two ideals: the
@@ -56,7 +60,7 @@ from calexnet_fast.backbones import inference_form  # noqa: E402
 from calexnet_fast.cascades import StreamingCascade  # noqa: E402
 from calexnet_fast.evaluation.measure_session import DTYPES  # noqa: E402
 from calexnet_fast.evaluation.speed import stage_times, time_ideal  # noqa: E402
-from calexnet_fast.evaluation.timing import environment, interleaved_medians  # noqa: E402
+from calexnet_fast.evaluation.timing import environment, interleaved_rounds  # noqa: E402
 from calexnet_fast.flops import exit_histogram, flops_reduction, profile_flops  # noqa: E402
 from calexnet_fast.heads import HEADS, make_branch_head  # noqa: E402
 
@@ -158,7 +162,8 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
             if args.compile:
                 fns["backbone_compiled"] = lambda: backbone_compiled(x)
                 fns["streaming_compiled"] = lambda: list(streaming_compiled.stream(stream))
-            times = interleaved_medians(fns, device, args.repeats)
+            rounds = interleaved_rounds(fns, device, repeats=args.repeats, warmup=2)
+            times = rounds.medians()
         exits = out.exit_index.cpu()
         histogram = exit_histogram(exits, ref.n_branches)
         r = flops_reduction(profile, histogram)
@@ -166,9 +171,13 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
         ips = {n: args.batch_size / t for n, t in per_batch.items()}
         reach = [float((exits > k).float().mean()) for k in range(ref.n_branches + 1)]
         ideal = {"flops": 1.0 / (1.0 - r), "time": time_ideal(stage_s, head_s, reach)}
-        speedup = {n: ips[n] / ips["backbone"] for n in ("reference", "cascade", "streaming")}
+        # speedups paired within each round (the machine's drift cancels), images/s as medians
+        per_stream = {n: args.stream_batches if n.startswith("streaming") else 1 for n in fns}
+        speedup = {
+            n: rounds.paired_ratio("backbone", n, scale=per_stream[n]) for n in ("reference", "cascade", "streaming")
+        }
         if args.compile:
-            speedup["compiled"] = ips["streaming_compiled"] / ips["backbone_compiled"]
+            speedup["compiled"] = rounds.paired_ratio("backbone_compiled", "streaming_compiled", args.stream_batches)
         rows.append(
             {
                 "model": model,
@@ -183,7 +192,7 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
                     for mode in ("cascade", "streaming")
                     for kind, value in ideal.items()
                 },
-                "cascade_vs_reference": ips["cascade"] / ips["reference"],
+                "cascade_vs_reference": rounds.paired_ratio("reference", "cascade"),
                 "exits_agree_with_reference": agree,
                 "streaming_agrees_with_cascade": agree_streaming,
                 "seconds": time.perf_counter() - t_profile,

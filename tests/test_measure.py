@@ -407,3 +407,20 @@ def test_measure_points_checks_and_cpu_energy():
     assert not meter.available and "CPU" in meter.reason
     with pytest.raises(SystemExit, match="results.json"):
         cli.main(["measure", "--compare", "/nonexistent/dir", "--quiet"])
+
+
+def test_paired_ratio_cancels_a_drift_that_medians_do_not():
+    """A candidate twice as fast as the baseline, timed in the same rounds while the machine slows down 3x,
+    with one noisy call each: the median of the per-round ratios is 2, the ratio of the medians is not."""
+    from calexnet_fast.evaluation.timing import Rounds
+
+    drift = [1.0, 1.0, 2.0, 3.0, 3.0]
+    base = [2 * d * e for d, e in zip(drift, [1, 1.1, 1, 1, 1], strict=True)]
+    fast = [d * e for d, e in zip(drift, [1, 1, 1.1, 1, 1], strict=True)]
+    rounds = Rounds({"base": base, "fast": fast})
+    assert rounds.paired_ratio("base", "fast") == pytest.approx(2.0)
+    medians = rounds.medians()
+    assert medians["base"] / medians["fast"] == pytest.approx(4.0 / 2.2)
+    assert rounds.paired_ratio("base", "fast", scale=16) == pytest.approx(32.0)
+    with pytest.raises(ValueError, match="rounds"):
+        Rounds({"a": [1.0, 2.0], "b": [1.0]}).paired_ratio("a", "b")

@@ -19,8 +19,10 @@ At each point:
   real cascade runs folded heads on compacted batches);
 * throughput is measured against the frozen backbone alone on the same device, dtype, batch size, memory
   format and images (one decoded, normalised tensor: only model work is timed), in interleaved rounds
-  (:func:`~.timing.interleaved_rounds`); images/s is the median over rounds, a measured speedup the ratio
-  of the medians (``speedup`` per batch, ``speedup_streaming`` streaming: :func:`mode_key`);
+  (:func:`~.timing.interleaved_rounds`); images/s is the median over rounds, a measured speedup the median
+  of the per-round ratios to the backbone timed in the same round (:meth:`~.timing.Rounds.paired_ratio`: the
+  machine's drift between rounds cancels; ``speedup`` per batch, ``speedup_streaming`` streaming:
+  :func:`mode_key`);
 * two ideals: the FLOPs-ideal ``1 / (1 - r)`` from the FLOPs reduction ``r`` realised on the timing images,
   and the time-ideal (:func:`time_ideal`) from every stage's and head's measured time on a full batch
   (:func:`stage_times`), weighted by the fraction of the timing images reaching it: what the cascade would
@@ -260,7 +262,7 @@ def measure_points(
             if expected is not None:
                 (e_pred, e_exit), (m_pred, m_exit) = expected[i], decisions[m]
                 mismatches = int(((m_pred != e_pred.cpu()) | (m_exit != e_exit.cpu())).sum())
-            speedup = med["backbone"] / med[name]
+            speedup = rounds.paired_ratio("backbone", name)
             row[mode_key(m, "mismatches")] = mismatches
             row[mode_key(m, "speedup")] = speedup
             row[mode_key(m, "speedup_rounds")] = [b / c for b, c in zip(times["backbone"], times[name], strict=True)]

@@ -190,6 +190,15 @@ class Rounds:
         """Median seconds per candidate."""
         return {name: statistics.median(ts) for name, ts in self.seconds.items()}
 
+    def paired_ratio(self, numerator: str, denominator: str, scale: float = 1.0) -> float:
+        """The median over rounds of ``scale * seconds[numerator] / seconds[denominator]`` within each round
+        (e.g. a speedup: the baseline's seconds over a candidate's): the two were timed next to each other,
+        so a drift of the machine's speed over the rounds cancels out, which a ratio of medians does not do."""
+        a, b = self.seconds[numerator], self.seconds[denominator]
+        if len(a) != len(b) or not a:
+            raise ValueError(f"paired_ratio: {numerator!r} and {denominator!r} have {len(a)} and {len(b)} rounds")
+        return statistics.median(scale * x / y for x, y in zip(a, b, strict=True))
+
 
 def interleaved_rounds(
     fns: dict[str, Callable[[], object]],
