@@ -18,7 +18,8 @@ reads an id: a segment of ``n`` sorted distinct ids inside ``[lo, hi)`` split af
 bounds ``[lo, hi - (n - m))`` and ``[lo + m, hi)``, and an input batch is complete once the smallest bound
 at the front of every queue has passed its last id. Logits and exit indices are written at each stage into
 a window of pending outputs by ``index_copy_`` / ``index_fill_`` (later stages overwrite: a sample's deepest
-stage is its exit), so on CUDA the one host sync per stage run is the survivor count of ``_compact``.
+stage is its exit), so on CUDA the one host sync per stage run is the survivor count of ``_compact``; on CPU
+a stage run where no row exits writes nothing and hands its rows on uncopied.
 
 Memory is bounded: between input batches every queue holds fewer than ``stage_batch`` rows; while one is
 being processed, the first stage's queue holds at most ``stage_batch - 1 + B`` rows (``B`` the input
@@ -327,11 +328,12 @@ class Stream:
         stats.rows[k] += m
         stats.partial_runs[k] += m < self.stage_batch
         h, logits, exit_ = self._steps[k](rows)
+        if exit_ is not None and not h.is_cuda and not bool(exit_.any()):
+            # CPU, nothing exits: no output to write (a deeper stage writes these rows), the rows and ids as they are
+            self._push(k + 1, _Segment(h, ids, lo, hi, owned=True))
+            return
         self._outputs.write(ids, logits, k + 1)
         if exit_ is None:  # the last stage: every row leaves here
-            return
-        if not h.is_cuda and not bool(exit_.any()):  # CPU, nothing exits: the rows and ids as they are
-            self._push(k + 1, _Segment(h, ids, lo, hi, owned=True))
             return
         h, keep = self.cascade._compact(h, ~exit_)  # on CUDA: the run's one host sync (the survivor count)
         if h.shape[0] > 0:
