@@ -65,7 +65,9 @@ class _Sources:
 
     :meth:`unchanged` tells in one pass over these flat lists (no module traversal: it runs between two
     stages, where every Python object it touches is a cache miss) whether any of them was replaced (also
-    through ``.to()`` or ``load_state_dict`` with ``assign``), moved, or modified in place."""
+    through ``.to()`` or ``load_state_dict`` with ``assign``), moved, or modified in place (an inference
+    tensor has no version counter: its replacement is seen, an in-place change inside ``inference_mode`` is
+    not)."""
 
     def __init__(self, cascade: ReferenceCascade, k: int) -> None:
         head = cascade.heads[k]
