@@ -201,7 +201,7 @@ class Cascade(ReferenceCascade):
     def folded_head(self, k: int, device: torch.device) -> FoldedPrototypeHead | FoldedGridPrototypeHead:
         """Head ``k``'s inference form on ``device``, refolded whenever the head (or one of its weights) is
         replaced or modified. The form is derived: change the head, not the form."""
-        folded = self._branch(k, device).folded
+        folded = self._branch(k, torch.device(device)).folded
         if folded is None:
             raise ValueError(f"heads[{k}]: a {type(self.heads[k]).__name__} has no inference form (no fold())")
         return folded
