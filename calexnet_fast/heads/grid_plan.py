@@ -196,8 +196,12 @@ class GridHeadPlan:
                 "CPU op library; `python -m calexnet_fast.info` says whether it loaded): run the plan, then "
                 "calexnet_fast.exit_rule.exit_decision_reference"
             )
-        x = working_map(features, self.max_size)  # [N, C, h, w], its own layout
-        return grid_plan_exit(x, *self.exit_operands, thresholds.float().contiguous(), self.eps)
+        x = features  # [N, C, h, w], its own layout: pooled to the working map where it is larger
+        if features.shape[2] != self.h or features.shape[3] != self.w:
+            x = working_map(features, self.max_size)
+        if thresholds.dtype != torch.float32 or not thresholds.is_contiguous():
+            thresholds = thresholds.float().contiguous()
+        return grid_plan_exit(x, *self.exit_operands, thresholds, self.eps)
 
 
 def _cpu_kernel() -> bool:

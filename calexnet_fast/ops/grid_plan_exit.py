@@ -45,6 +45,8 @@ def grid_plan_exit(
     """Logits, exit, pred and conf of the grid head from its working map ``x`` (arguments and semantics:
     :func:`calexnet_fast.reference.grid_plan_exit_reference`). The C++ kernel takes float32 or float64 CPU
     tensors."""
-    return torch.ops.calexnet_fast.grid_plan_exit(
-        x, proj_weight_t, proj_bias, prototypes_t, s_windows, x_windows, cls_weight, cls_bias, thresholds, float(eps)
-    )
+    operands = (proj_weight_t, proj_bias, prototypes_t, s_windows, x_windows, cls_weight, cls_bias, thresholds)
+    return _OP(x, *operands, float(eps))
+
+
+_OP = torch.ops.calexnet_fast.grid_plan_exit.default  # the overload itself: no lookup per call (a hot path)
