@@ -14,6 +14,7 @@
 #include "grid_head_cpu.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -308,12 +309,20 @@ inline __attribute__((always_inline)) void run_rows(const Plan<T>& a, int64_t be
 
 // The vector width of the products and the transpose: the widest the CPU has registers for (its clone of
 // run_rows runs: 64 bytes with AVX-512, 32 with AVX2), else 16 (one SSE or NEON register): a vector wider
-// than the instructions is emulated, many times slower.
+// than the instructions is emulated, many times slower. CALEXNET_CPU_VECTOR_BYTES=16 or 32 (read when the
+// library loads) narrows it, so that the tests run every width's code on any machine.
+int vector_bytes() {
 #if defined(__x86_64__) && defined(__GNUC__)
-const int kVectorBytes = __builtin_cpu_supports("avx512f") ? 64 : __builtin_cpu_supports("avx2") ? 32 : 16;
+  int widest = __builtin_cpu_supports("avx512f") ? 64 : __builtin_cpu_supports("avx2") ? 32 : 16;
 #else
-const int kVectorBytes = 16;
+  int widest = 16;
 #endif
+  const char* env = std::getenv("CALEXNET_CPU_VECTOR_BYTES");
+  const int asked = env ? std::atoi(env) : 0;
+  return (asked == 16 || asked == 32 || asked == 64) ? std::min(widest, asked) : widest;
+}
+
+const int kVectorBytes = vector_bytes();
 
 template <typename T>
 inline __attribute__((always_inline)) void run_rows_any(const Plan<T>& a, int64_t begin, int64_t end) {

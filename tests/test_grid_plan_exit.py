@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -291,3 +297,23 @@ def test_cascade_sees_every_update(kind):
         assert got.logits.dtype == torch.float32 and fast._branches[0].folded.cls_weight.dtype == torch.float32
     else:
         assert not torch.allclose(got.logits, first.logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("width", [16, 32])
+def test_op_at_narrower_vector_widths(width):
+    """The products and transposes at every vector width the op picks from (64 bytes with AVX-512, 32 with
+    AVX2, 16 otherwise), on any machine: CALEXNET_CPU_VECTOR_BYTES narrows the width in a fresh process."""
+    script = textwrap.dedent(
+        """
+        import torch, test_grid_plan_exit as t
+        for dtype in (torch.float32, torch.float64):
+            for d, k in ((32, 32), (16, 64), (64, 16), (5, 32)):
+                for h, w, c in ((8, 8, 24), (5, 7, 12), (2, 2, 40)):
+                    ops = t._operands(9, h, w, c, k=k, d=d, dtype=dtype, seed=d + k + c)
+                    t._assert_same(t.grid_plan_exit(*ops), t.grid_plan_exit_reference(*ops), dtype, ops[t.THR])
+        print("ok")
+        """
+    )
+    env = {**os.environ, "CALEXNET_CPU_VECTOR_BYTES": str(width), "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
