@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -77,3 +81,14 @@ def test_op_errors(args, message):
 def test_opcheck():
     x = torch.randn(2, 3, 9, 7)
     torch.library.opcheck(torch.ops.calexnet_fast.max_pool2d.default, (x, 3, 3, 2, 2, 1, 1))
+
+
+@needs_op
+def test_bench_script_times_the_op_against_torch(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_max_pool", Path(__file__).parents[1] / "bench" / "max_pool.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--quick", "--repeats", "1", "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["benchmark"] == "max_pool2d"
+    (row,) = out["rows"]
+    assert row["shape"] == [64, 64, 16, 16] and set(row["speedup"]) == {"nchw", "channels_last"} and row["GBps"] > 0
