@@ -18,7 +18,7 @@ cannot be traced is searched child by child, with adjacent pairs in an ``nn.Sequ
 ceil-mode pools, in channels_last and handed back contiguous): the same values, but PyTorch 2.14's NCHW CPU
 kernel for the 3x3 / stride-2 stem pool of a torchvision ResNet took ~5 ms on a [64, 64, 16, 16] map, about a
 fifth of a ResNet-18's time at 32 x 32, where the channels_last one took 0.9 ms with its two layout copies and
-the op 0.2 ms (2 threads, this project's CPU machine; docs/design.md §2). Other devices and layouts pool as
+the op 0.35-0.43 ms (2 threads, this project's CPU machine; docs/design.md §2). Other devices and layouts pool as
 before.
 """
 
