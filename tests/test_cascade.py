@@ -99,6 +99,25 @@ def test_edge_profiles(device):
     assert empty.logits.shape == (0, N_CLASSES) and empty.exit_index.shape == (0,)
 
 
+def test_stage_where_no_row_exits(device):
+    """No row leaves at branch 1, every row at branch 2: on CPU the loop hands branch 1's rows on without
+    compacting them (and keeps no output for them); the outputs equal the reference's either way."""
+    ref, fast = _pair(device)
+    x = torch.randn(7, 3, 16, 16).to(device)
+    thr = torch.full((ref.n_branches, N_CLASSES), float("inf"))
+    thr[1] = 0.0
+    ref.set_thresholds(thr)
+    fast.set_thresholds(thr)
+    compacted = []
+    compact = fast._compact
+    fast._compact = lambda h, stay: compacted.append(h.shape[0]) or compact(h, stay)
+    a, b = ref(x), fast(x)
+    assert torch.equal(b.exit_index, torch.full((7,), 2, device=device))
+    assert torch.equal(a.exit_index, b.exit_index)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+    assert compacted == ([7] if device == "cpu" else [7, 7])  # on CUDA asking would cost a host sync
+
+
 def test_nan_never_exits(device):
     ref, fast = _pair(device)
     x = torch.randn(6, 3, 16, 16).to(device)

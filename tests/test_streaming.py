@@ -278,13 +278,21 @@ def test_compiled_stages_match_and_compile_once(kind):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_no_copy_when_every_row_stays():
+def test_no_compaction_where_no_row_exits():
+    """On CPU a stage run where no row exits hands its rows on as they are: ``_compact`` runs only where
+    some row leaves (codes 2: every sample exits at branch 2; code 0 the backbone)."""
     cascade = _coded_cascade()
-    h = torch.randn(6, 4, 3, 3)
-    rows, index = cascade._compact(h, torch.ones(6, dtype=torch.bool))
-    assert rows is h and torch.equal(index, torch.arange(6))
-    rows, index = cascade._compact(h, torch.zeros(6, dtype=torch.bool))
-    assert rows.shape[0] == 0 and index.shape[0] == 0
+    assert cascade._none_exit(torch.zeros(6, dtype=torch.bool))
+    assert not cascade._none_exit(torch.tensor([False, True]))
+    compacted = []
+    compact = cascade._compact
+    cascade._compact = lambda h, stay: compacted.append(h.shape[0]) or compact(h, stay)
+    for code, expected in [(2, [8, 8]), (0, [])]:
+        compacted.clear()
+        batches = _coded_batches([8, 8], codes=code)
+        outs = list(StreamingCascade(cascade, stage_batch=8).stream(batches))
+        assert compacted == expected
+        _assert_same(outs, cascade, batches)
 
 
 def test_errors():

@@ -261,11 +261,5 @@ class Cascade(ReferenceCascade):
         exit_, _, _ = decide(logits, thresholds)
         return logits, exit_
 
-    def _compact(self, h: torch.Tensor, stay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The C++ ``compact`` op, but no copy when every row stays on CPU (on CUDA, counting first would be
-        a second host sync: ``compact``'s own count is the stage's one)."""
-        if not h.is_cuda and bool(stay.all()):
-            return h, torch.arange(h.shape[0], device=h.device)
-        return DeployableCascade._compact(self, h, stay)
-
+    _compact = DeployableCascade._compact
     _write = DeployableCascade._write

@@ -7,7 +7,8 @@ loop of every cascade; a cascade differs only in three steps of it, each a metho
 
 - ``_head_exit(k, h) -> (logits, exit)``: how branch ``k``'s head and its exit decision run (here: the head
   module, then :func:`calexnet_fast.exit_rule.exit_decision_reference`);
-- ``_compact(h, stay) -> (rows, index)``: how the survivors are gathered (here: boolean indexing);
+- ``_compact(h, stay) -> (rows, index)``: how the survivors are gathered (here: boolean indexing; on CPU
+  not called where no row exits: every row goes on as it is, see ``_none_exit``);
 - ``_write(out, logits, positions)``: how every stage's logits land at their input positions, the deepest
   stage of a sample winning (here: one ``index_copy_`` per stage, in stage order).
 
@@ -260,12 +261,13 @@ class ReferenceCascade(nn.Module):
             if alive:
                 h = stage(h)
                 logits, exit_ = self._head_exit(k, h)
-                all_logits.append(logits.to(x.dtype))
-                all_positions.append(position)
-                exit_index.index_fill_(0, position, k + 1)  # survivors are overwritten by their later exit
-                h, keep = self._compact(h, ~exit_)  # fast cascades: on CUDA the stage's one host sync
-                position = position.index_select(0, keep)
-                alive = position.shape[0] > 0
+                if not self._none_exit(exit_):  # else every row goes on as it is, and a deeper stage writes it
+                    all_logits.append(logits.to(x.dtype))
+                    all_positions.append(position)
+                    exit_index.index_fill_(0, position, k + 1)  # survivors are overwritten by their later exit
+                    h, keep = self._compact(h, ~exit_)  # fast cascades: on CUDA the stage's one host sync
+                    position = position.index_select(0, keep)
+                    alive = position.shape[0] > 0
             k += 1
         if alive:
             all_logits.append(self.stages[-1](h).to(x.dtype))
@@ -284,6 +286,11 @@ class ReferenceCascade(nn.Module):
                 logits = head(h)
         exit_, _, _ = exit_decision_reference(logits, self.thresholds[k])
         return logits, exit_
+
+    def _none_exit(self, exit_: torch.Tensor) -> bool:
+        """Whether no row leaves at this branch, asked only where the answer costs no host sync (CPU): then
+        the loop keeps no output for the stage and hands its rows on uncompacted."""
+        return not exit_.is_cuda and not bool(exit_.any())
 
     def _compact(self, h: torch.Tensor, stay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of ``h`` where ``stay`` is true, and their positions (boolean indexing)."""

@@ -328,8 +328,8 @@ class Stream:
         stats.rows[k] += m
         stats.partial_runs[k] += m < self.stage_batch
         h, logits, exit_ = self._steps[k](rows)
-        if exit_ is not None and not h.is_cuda and not bool(exit_.any()):
-            # CPU, nothing exits: no output to write (a deeper stage writes these rows), the rows and ids as they are
+        if exit_ is not None and self.cascade._none_exit(exit_):
+            # no output to write (a deeper stage writes these rows), the rows and ids as they are
             self._push(k + 1, _Segment(h, ids, lo, hi, owned=True))
             return
         self._outputs.write(ids, logits, k + 1)
