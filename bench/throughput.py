@@ -22,7 +22,9 @@ For each model and profile, images/s measured in interleaved rounds (median) of:
 
 The speedups (``x batch``, ``x stream``, ``x compiled``) are medians over the rounds of each round's ratio to
 the backbone timed in the same round, so that a drift of the shared machine's speed between rounds cancels
-out (the images/s columns are per-candidate medians and need not divide into them exactly).
+out (the images/s columns are per-candidate medians and need not divide into them exactly); each comes with
+its 95 % interval in brackets (``Rounds.paired_interval``: order statistics of the per-round ratios), which
+says how much of a difference the machine's noise leaves open.
 
 All run in the same form: with ``--fold`` (default) the frozen stages take their inference form
 (``inference_form``: BatchNorm folded into the convolutions, max pools of contiguous CPU maps run by the C++
@@ -176,8 +178,12 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
         speedup = {
             n: rounds.paired_ratio("backbone", n, scale=per_stream[n]) for n in ("reference", "cascade", "streaming")
         }
+        interval = {
+            n: rounds.paired_interval("backbone", n, scale=per_stream[n]) for n in ("reference", "cascade", "streaming")
+        }
         if args.compile:
-            speedup["compiled"] = rounds.paired_ratio("backbone_compiled", "streaming_compiled", args.stream_batches)
+            pair = ("backbone_compiled", "streaming_compiled", args.stream_batches)
+            speedup["compiled"], interval["compiled"] = rounds.paired_ratio(*pair), rounds.paired_interval(*pair)
         rows.append(
             {
                 "model": model,
@@ -186,6 +192,7 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
                 "exit_histogram": histogram.tolist(),
                 "images_per_s": ips,
                 "speedup": speedup,
+                "speedup_interval_95": interval,
                 "ideal_speedup": ideal,
                 "achieved_over_ideal": {
                     f"{mode}_over_{kind}": speedup[mode] / value
@@ -241,8 +248,13 @@ def plot(rows: list[dict], path: str) -> None:
         red = [100 * r["flops_reduction"] for r in mr]
         ax.plot(red, [r["ideal_speedup"]["flops"] for r in mr], "k--", label="FLOPs-ideal 1/(1-r)")
         ax.plot(red, [r["ideal_speedup"]["time"] for r in mr], "k:", label="time-ideal (full-batch stage times)")
-        ax.plot(red, [r["speedup"]["streaming"] for r in mr], "o-", label="Cascade, streaming")
-        ax.plot(red, [r["speedup"]["cascade"] for r in mr], "^-", label="Cascade, per batch")
+        for mode, marker, label in (("streaming", "o-", "Cascade, streaming"), ("cascade", "^-", "Cascade, per batch")):
+            ys = [r["speedup"][mode] for r in mr]
+            spans = [
+                [y - r["speedup_interval_95"][mode][0] for y, r in zip(ys, mr)],
+                [r["speedup_interval_95"][mode][1] - y for y, r in zip(ys, mr)],
+            ]
+            ax.errorbar(red, ys, yerr=spans, fmt=marker, capsize=3, label=f"{label} (95 % interval)")
         ax.plot(red, [r["speedup"]["reference"] for r in mr], "s-", label="ReferenceCascade")
         if "compiled" in mr[0]["speedup"]:
             ax.plot(red, [r["speedup"]["compiled"] for r in mr], "d-", label="compiled streaming / compiled backbone")
@@ -257,6 +269,12 @@ def plot(rows: list[dict], path: str) -> None:
     print(f"wrote {path}")
 
 
+def _speedup_cell(row: dict, mode: str) -> str:
+    """The speedup and its 95 % interval (``Rounds.paired_interval``): how far the machine's noise leaves it open."""
+    lo, hi = row["speedup_interval_95"][mode]
+    return f"{row['speedup'][mode]:.2f}x [{lo:.2f}, {hi:.2f}]"
+
+
 def table(rows: list[dict]) -> None:
     compiled = "compiled" in rows[0]["speedup"]
     head = ["model", "FLOPs red.", "backbone", "reference", "per batch", "streaming", "x batch", "x stream"]
@@ -264,13 +282,14 @@ def table(rows: list[dict]) -> None:
     head += ["x compiled"] * compiled + ["exits ok", "run s"]
     print(" | ".join(head))
     for r in rows:
-        ips, sp, ideal, ach = r["images_per_s"], r["speedup"], r["ideal_speedup"], r["achieved_over_ideal"]
+        ips, ideal, ach = r["images_per_s"], r["ideal_speedup"], r["achieved_over_ideal"]
         cells = [r["model"], f"{r['flops_reduction']:.1%}"]
         cells += [f"{ips[n]:.0f}" for n in ("backbone", "reference", "cascade", "streaming")]
-        cells += [f"{sp['cascade']:.2f}x", f"{sp['streaming']:.2f}x", f"{ideal['flops']:.2f}x", f"{ideal['time']:.2f}x"]
+        cells += [_speedup_cell(r, "cascade"), _speedup_cell(r, "streaming")]
+        cells += [f"{ideal['flops']:.2f}x", f"{ideal['time']:.2f}x"]
         cells += [f"{ach['streaming_over_time']:.0%}", f"{ach['streaming_over_flops']:.0%}"]
         if compiled:
-            cells.append(f"{sp['compiled']:.2f}x")
+            cells.append(_speedup_cell(r, "compiled"))
         cells += [str(r["exits_agree_with_reference"] and r["streaming_agrees_with_cascade"])]
         cells += [f"{r['seconds']:.1f}" + (f" (+{r['setup_seconds']:.1f} set-up)" if "setup_seconds" in r else "")]
         print(" | ".join(cells))

@@ -68,6 +68,8 @@ def test_measure_run_equals_evaluate_at_every_margin(tmp_path):
         for mode in ("batch", "stream"):
             sp = p[mode_key(mode, "speedup")]
             assert sp > 0 and 2 <= len(p[mode_key(mode, "speedup_rounds")]) <= 6
+            lo, hi = p[mode_key(mode, "speedup_interval_95")]
+            assert lo <= sp <= hi
             assert p[mode_key(mode, "achieved_over_ideal")] == pytest.approx(sp / p["ideal_speedup"])
             assert p[mode_key(mode, "achieved_over_time_ideal")] == pytest.approx(sp / p["time_ideal_speedup"])
         assert p["time_ideal_speedup"] > 0 and len(p["full_batch_seconds"]["stages"]) == 4
@@ -309,6 +311,8 @@ def test_throughput_bench_tiny_run(tmp_path, capsys):
         assert set(r["images_per_s"]) == {"backbone", "reference", "cascade", "streaming"}
         assert r["exits_agree_with_reference"] and r["streaming_agrees_with_cascade"]
         assert r["ideal_speedup"]["time"] > 0 and r["seconds"] > 0
+        for mode, (lo, hi) in r["speedup_interval_95"].items():
+            assert lo <= r["speedup"][mode] <= hi  # one round: the interval is that round's ratio
     assert rows[0]["ideal_speedup"]["flops"] < 1 < rows[1]["ideal_speedup"]["flops"]  # no exits: heads cost
     assert "setup_seconds" in rows[0]
     assert json.loads((tmp_path / "t.json").read_text())["settings"]["stream_batches"] == 2
@@ -407,6 +411,29 @@ def test_measure_points_checks_and_cpu_energy():
     assert not meter.available and "CPU" in meter.reason
     with pytest.raises(SystemExit, match="results.json"):
         cli.main(["measure", "--compare", "/nonexistent/dir", "--quiet"])
+
+
+def test_paired_interval_order_statistics():
+    """15 rounds: the 4th and the 12th of the sorted per-round ratios (a Binomial(15, 1/2) is at most 3 with
+    probability 0.018, at most 4 with 0.059); 6 rounds: the range, which covers 1 - 2/64 >= 0.95; 5: the range,
+    covering less; 1: the one ratio; the interval holds the median."""
+    from calexnet_fast.evaluation.timing import Rounds
+
+    ratios = [1.0 + 0.01 * i for i in (7, 3, 11, 0, 14, 5, 9, 1, 12, 2, 8, 13, 4, 10, 6)]
+    rounds = Rounds({"base": ratios, "fast": [1.0] * 15})
+    lo, hi = rounds.paired_interval("base", "fast")
+    assert (lo, hi) == (pytest.approx(1.03), pytest.approx(1.11))
+    assert lo <= rounds.paired_ratio("base", "fast") <= hi
+    assert rounds.paired_interval("base", "fast", scale=2.0) == (pytest.approx(2.06), pytest.approx(2.22))
+    assert rounds.paired_interval("base", "fast", level=0.5)[0] > lo  # a lower level: a narrower interval
+    for n in (6, 5):
+        few = Rounds({"base": ratios[:n], "fast": [1.0] * n})
+        assert few.paired_interval("base", "fast") == (min(ratios[:n]), max(ratios[:n]))
+    assert Rounds({"a": [3.0], "b": [2.0]}).paired_interval("a", "b") == (1.5, 1.5)
+    with pytest.raises(ValueError, match="level"):
+        rounds.paired_interval("base", "fast", level=1.0)
+    with pytest.raises(ValueError, match="rounds"):
+        Rounds({"a": [1.0, 2.0], "b": [1.0]}).paired_interval("a", "b")
 
 
 def test_paired_ratio_cancels_a_drift_that_medians_do_not():

@@ -22,7 +22,7 @@ At each point:
   (:func:`~.timing.interleaved_rounds`); images/s is the median over rounds, a measured speedup the median
   of the per-round ratios to the backbone timed in the same round (:meth:`~.timing.Rounds.paired_ratio`: the
   machine's drift between rounds cancels; ``speedup`` per batch, ``speedup_streaming`` streaming:
-  :func:`mode_key`);
+  :func:`mode_key`), with its 95 % interval (``speedup_interval_95``: :meth:`~.timing.Rounds.paired_interval`);
 * two ideals: the FLOPs-ideal ``1 / (1 - r)`` from the FLOPs reduction ``r`` realised on the timing images,
   and the time-ideal (:func:`time_ideal`) from every stage's and head's measured time on a full batch
   (:func:`stage_times`), weighted by the fraction of the timing images reaching it: what the cascade would
@@ -265,6 +265,7 @@ def measure_points(
             speedup = rounds.paired_ratio("backbone", name)
             row[mode_key(m, "mismatches")] = mismatches
             row[mode_key(m, "speedup")] = speedup
+            row[mode_key(m, "speedup_interval_95")] = list(rounds.paired_interval("backbone", name))
             row[mode_key(m, "speedup_rounds")] = [b / c for b, c in zip(times["backbone"], times[name], strict=True)]
             row[mode_key(m, "achieved_over_ideal")] = speedup / row["ideal_speedup"]
             row[mode_key(m, "achieved_over_time_ideal")] = speedup / row["time_ideal_speedup"]

@@ -11,6 +11,7 @@ benchmarks in ``bench/`` time everything through it (:func:`median_time`, :func:
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -194,10 +195,35 @@ class Rounds:
         """The median over rounds of ``scale * seconds[numerator] / seconds[denominator]`` within each round
         (e.g. a speedup: the baseline's seconds over a candidate's): the two were timed next to each other,
         so a drift of the machine's speed over the rounds cancels out, which a ratio of medians does not do."""
+        return statistics.median(self._ratios(numerator, denominator, scale))
+
+    def paired_interval(
+        self, numerator: str, denominator: str, scale: float = 1.0, level: float = 0.95
+    ) -> tuple[float, float]:
+        """A distribution-free confidence interval (at ``level``) for the median that :meth:`paired_ratio`
+        estimates: two order statistics of the per-round ratios, ``[r_(k), r_(n+1-k)]`` with ``k`` the largest
+        rank such that a Binomial(n, 1/2) falls below it with probability at most ``(1 - level) / 2``. It
+        says how far the machine's noise leaves the ratio open (15 rounds: the 4th and the 12th of the sorted
+        ratios). With too few rounds for any such rank (fewer than 6 at 0.95), the range of the ratios, which
+        then covers less than ``level``."""
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"paired_interval: level: expected a probability in (0, 1), got {level!r}")
+        ratios = sorted(self._ratios(numerator, denominator, scale))
+        n = len(ratios)
+        tail, k, below = (1.0 - level) / 2, 0, 0.0  # below: P(B <= k - 1) for B ~ Binomial(n, 1/2)
+        while k < n // 2:
+            below += math.comb(n, k) / 2.0**n
+            if below > tail:
+                break
+            k += 1
+        k = max(k, 1)
+        return ratios[k - 1], ratios[n - k]
+
+    def _ratios(self, numerator: str, denominator: str, scale: float) -> list[float]:
         a, b = self.seconds[numerator], self.seconds[denominator]
         if len(a) != len(b) or not a:
             raise ValueError(f"paired_ratio: {numerator!r} and {denominator!r} have {len(a)} and {len(b)} rounds")
-        return statistics.median(scale * x / y for x, y in zip(a, b, strict=True))
+        return [scale * x / y for x, y in zip(a, b, strict=True)]
 
 
 def interleaved_rounds(
