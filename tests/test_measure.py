@@ -308,7 +308,7 @@ def test_throughput_bench_tiny_run(tmp_path, capsys):
     rows = result["rows"]
     assert [r["target_reduction"] for r in rows] == [0.0, 0.5] and result["seconds"] > 0
     for r in rows:
-        assert set(r["images_per_s"]) == {"backbone", "reference", "cascade", "streaming"}
+        assert set(r["images_per_s"]) == {"backbone", "backbone_stream", "reference", "cascade", "streaming"}
         assert r["exits_agree_with_reference"] and r["streaming_agrees_with_cascade"]
         assert r["ideal_speedup"]["time"] > 0 and r["seconds"] > 0
         for mode, (lo, hi) in r["speedup_interval_95"].items():
