@@ -15,14 +15,15 @@ benchmark batch itself, and the reduction reported is the one realised on it.
 
 For each model and profile, images/s measured in interleaved rounds (median) of:
 
-- the backbone alone, and ``ReferenceCascade`` (plain PyTorch) and ``calexnet_fast.Cascade`` per batch;
-- ``Cascade`` streaming (``StreamingCascade``, stage batch = batch size) over ``--stream-batches`` copies of
-  the batch: every stage runs on full batches, survivors re-batched across input batches; against the
-  backbone run over the same batches in one timed call (``backbone_stream``), so that each round's pair is two
-  calls of the same length meeting the same stretch of the shared machine (against single backbone calls of a
-  sixteenth of the time, the streaming ratio's 95 % interval was about twice as wide);
-- with ``--compile``: the ``torch.compile``d backbone over the stream and compiled streaming stages (compiled vs
-  compiled).
+- the backbone alone, ``calexnet_fast.Cascade`` per batch and ``Cascade`` streaming (``StreamingCascade``,
+  stage batch = batch size) over ``--stream-batches`` copies of the batch (every stage on full batches,
+  survivors re-batched across input batches), interleaved batch by batch in one pass a round
+  (``BatchInterleaved``: each batch goes through the backbone and the cascade, in turn, then into the stream),
+  so that all three meet the same stretches of the shared machine's speed (timed as whole streams back to
+  back, the streaming ratio's 95 % interval was several times as wide);
+- ``ReferenceCascade`` (plain PyTorch) per batch, one call a round, against one backbone call next to it;
+- with ``--compile``: the ``torch.compile``d backbone and compiled streaming stages, interleaved the same way
+  (compiled vs compiled).
 
 The speedups (``x batch``, ``x stream``, ``x compiled``) are medians over the rounds of each round's ratio to
 the backbone timed in the same round, so that a drift of the shared machine's speed between rounds cancels
@@ -66,7 +67,7 @@ from calexnet_fast.backbones import inference_form  # noqa: E402
 from calexnet_fast.cascades import StreamingCascade  # noqa: E402
 from calexnet_fast.evaluation.measure_session import DTYPES  # noqa: E402
 from calexnet_fast.evaluation.speed import stage_times, time_ideal  # noqa: E402
-from calexnet_fast.evaluation.timing import environment, interleaved_rounds  # noqa: E402
+from calexnet_fast.evaluation.timing import BatchInterleaved, environment, interleaved_rounds  # noqa: E402
 from calexnet_fast.flops import exit_histogram, flops_reduction, profile_flops  # noqa: E402
 from calexnet_fast.heads import HEADS, make_branch_head  # noqa: E402
 
@@ -160,33 +161,38 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
             streamed = list(streaming.stream(stream))
             agree_streaming = all(torch.equal(o.exit_index, out.exit_index) for o in streamed)
             fns = {
-                "backbone": lambda: backbone(x),
-                "backbone_stream": lambda: [backbone(b) for b in stream],
+                # the backbone, the cascade per batch and streaming, interleaved batch by batch over the stream
+                "stream": BatchInterleaved(
+                    stream, {"backbone": backbone, "cascade": fast}, ("streaming", streaming.stream), device
+                ),
+                "backbone_call": lambda: backbone(x),
                 "reference": lambda: ref(x),
-                "cascade": lambda: fast(x),
-                "streaming": lambda: list(streaming.stream(stream)),
             }
             if args.compile:
-                fns["backbone_compiled_stream"] = lambda: [backbone_compiled(b) for b in stream]
-                fns["streaming_compiled"] = lambda: list(streaming_compiled.stream(stream))
+                fns["compiled"] = BatchInterleaved(
+                    stream,
+                    {"backbone_compiled": backbone_compiled},
+                    ("streaming_compiled", streaming_compiled.stream),
+                    device,
+                )
             rounds = interleaved_rounds(fns, device, repeats=args.repeats, warmup=2)
             times = rounds.medians()
         exits = out.exit_index.cpu()
         histogram = exit_histogram(exits, ref.n_branches)
         r = flops_reduction(profile, histogram)
-        per_stream = {n: args.stream_batches if "stream" in n else 1 for n in fns}  # batches per call
-        per_batch = {n: t / per_stream[n] for n, t in times.items()}
-        ips = {n: args.batch_size / t for n, t in per_batch.items()}
+        per_call = {n: 1 if n in ("backbone_call", "reference") else args.stream_batches for n in times}  # batches
+        per_batch = {n: t / per_call[n] for n, t in times.items()}
+        ips = {n: args.batch_size / t for n, t in per_batch.items() if n != "backbone_call"}
         reach = [float((exits > k).float().mean()) for k in range(ref.n_branches + 1)]
         ideal = {"flops": 1.0 / (1.0 - r), "time": time_ideal(stage_s, head_s, reach)}
-        # speedups paired within each round (the machine's drift cancels), images/s as medians; streaming against
-        # the backbone over the same stream (two calls of the same length)
-        pairs = [("reference", "backbone"), ("cascade", "backbone"), ("streaming", "backbone_stream")]
-        pairs += [("streaming_compiled", "backbone_compiled_stream")] * args.compile
+        # speedups paired within each round (the machine's drift cancels), images/s as medians; the reference
+        # (one call a round) against one call of the backbone next to it
+        pairs = [("reference", "backbone_call"), ("cascade", "backbone"), ("streaming", "backbone")]
+        pairs += [("streaming_compiled", "backbone_compiled")] * args.compile
         speedup, interval = {}, {}
         for name, base in pairs:
             mode = "compiled" if name == "streaming_compiled" else name
-            pair = (base, name, per_stream[name] / per_stream[base])
+            pair = (base, name, per_call[name] / per_call[base])
             speedup[mode], interval[mode] = rounds.paired_ratio(*pair), rounds.paired_interval(*pair)
         rows.append(
             {
@@ -203,7 +209,7 @@ def bench_model(args, model: str, device: torch.device, dtype: torch.dtype) -> l
                     for mode in ("cascade", "streaming")
                     for kind, value in ideal.items()
                 },
-                "cascade_vs_reference": rounds.paired_ratio("reference", "cascade"),
+                "cascade_vs_reference": rounds.paired_ratio("reference", "cascade", per_call["cascade"]),
                 "exits_agree_with_reference": agree,
                 "streaming_agrees_with_cascade": agree_streaming,
                 "seconds": time.perf_counter() - t_profile,

@@ -400,11 +400,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> grid_plan_exit_cpu(Tensor x, Tensor p
               "grid_plan_exit: cls_weight: expected [" << n_classes << ", " << features << "] (the windows give "
                                                        << features << " features), got " << shape_str(cls_weight));
 
-  const auto device = x.device();
-  Tensor logits = torch::stable::empty({N, n_classes}, dtype, std::nullopt, device);
-  Tensor exit = torch::stable::empty({N}, ScalarType::Bool, std::nullopt, device);
-  Tensor pred = torch::stable::empty({N}, ScalarType::Long, std::nullopt, device);
-  Tensor conf = torch::stable::empty({N}, ScalarType::Float, std::nullopt, device);
+  Tensor logits = empty_cpu({N, n_classes}, dtype);
+  Tensor exit = empty_cpu({N}, ScalarType::Bool);
+  Tensor pred = empty_cpu({N}, ScalarType::Long);
+  Tensor conf = empty_cpu({N}, ScalarType::Float);
   if (N == 0) return std::make_tuple(logits, exit, pred, conf);
 
   // Work per sample: the two products, the maps read once, the classifier's products.

@@ -10,6 +10,7 @@
 //     elements share memory (expanded, overlapping strides) is refused.
 #pragma once
 
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -158,6 +159,36 @@ inline std::vector<int64_t> sizes_with_batch(const Tensor& t, int64_t n) {
   s[0] = n;
   for (int64_t d = 1; d < t.dim(); ++d) s[d] = t.size(d);
   return s;
+}
+
+// STABLE_TORCH_ERROR_CODE_CHECK (with the shim's error message) exists from torch 2.13; the header-only
+// TORCH_ERROR_CODE_CHECK in every torch >= 2.10.
+#ifdef STABLE_TORCH_ERROR_CODE_CHECK
+#define CALEX_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
+#else
+#define CALEX_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
+
+// A new CPU tensor of `sizes`, dense in `fmt` (PyTorch's strides for it), allocated by one direct call of the
+// C shim's empty_strided. torch::stable::empty looks the operator up by name and calls it boxed: several
+// microseconds per tensor, tens of them with the cold caches a branch op meets right after a stage.
+inline Tensor empty_cpu(const std::vector<int64_t>& sizes, ScalarType dtype,
+                        MemoryFormat fmt = MemoryFormat::Contiguous) {
+  const int64_t dim = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> strides(sizes.size());
+  std::vector<int64_t> order(sizes.size());  // dimensions from the innermost out
+  for (int64_t d = 0; d < dim; ++d) order[d] = dim - 1 - d;
+  if (fmt == MemoryFormat::ChannelsLast && dim == 4) order = {1, 3, 2, 0};
+  int64_t stride = 1;
+  for (int64_t d : order) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  const auto code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle handle = nullptr;
+  CALEX_SHIM_CHECK(aoti_torch_empty_strided(dim, sizes.data(), strides.data(), code, aoti_torch_device_type_cpu(), 0,
+                                            &handle));
+  return Tensor(handle);
 }
 
 // A new [n, *t.shape[1:]] tensor like t, dense rows in `fmt`.

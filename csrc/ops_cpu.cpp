@@ -38,12 +38,12 @@ std::tuple<Tensor, Tensor> compact_cpu(Tensor x, Tensor mask) {
   int64_t n = 0;
   for (int64_t i = 0; i < batch; ++i) n += m[i * ms] ? 1 : 0;
 
-  Tensor index = torch::stable::empty({n}, ScalarType::Long, std::nullopt, x.device());
+  Tensor index = empty_cpu({n}, ScalarType::Long);
   int64_t* idx = static_cast<int64_t*>(index.data_ptr());
   for (int64_t i = 0, k = 0; i < batch; ++i) {
     if (m[i * ms]) idx[k++] = i;
   }
-  Tensor rows = new_rows_like(x, n, fmt);
+  Tensor rows = empty_cpu(sizes_with_batch(x, n), x.scalar_type(), fmt);
   const int64_t esize = static_cast<int64_t>(x.element_size());
   const int64_t row_bytes = row_numel(x) * esize;
   copy_rows(static_cast<char*>(rows.data_ptr()), static_cast<const char*>(x.data_ptr()), nullptr, idx, n,

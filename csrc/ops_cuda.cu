@@ -27,14 +27,6 @@ namespace {
                                                                          << " (" #expr ")");    \
   } while (0)
 
-// STABLE_TORCH_ERROR_CODE_CHECK (with the shim's error message) exists from torch 2.13; the header-only
-// TORCH_ERROR_CODE_CHECK in every torch >= 2.10.
-#ifdef STABLE_TORCH_ERROR_CODE_CHECK
-#define CALEX_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
-#else
-#define CALEX_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
-#endif
-
 cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
   CALEX_SHIM_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));

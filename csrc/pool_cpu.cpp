@@ -116,7 +116,7 @@ Tensor max_pool2d_cpu(Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, 
   CALEX_CHECK(H + 2 * ph >= kh && W + 2 * pw >= kw,
               "max_pool2d: the " << H << "x" << W << " map (padded by " << ph << ", " << pw
                                  << ") is smaller than the kernel (" << kh << ", " << kw << ")");
-  Tensor y = torch::stable::empty({N, C, OH, OW}, dtype, std::nullopt, x.device());
+  Tensor y = empty_cpu({N, C, OH, OW}, dtype);
   const int64_t planes = N * C;
   if (planes == 0 || OH * OW == 0) return y;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(H * W, 1));

@@ -59,6 +59,20 @@ def test_compact_layouts(device):
     assert torch.equal(rows, every_other[mask[:5]])
 
 
+@pytest.mark.parametrize("shape", [(6, 1, 3, 1), (6, 4, 1, 1), (6, 1, 1, 1), (6, 2, 3, 1), (6, 3, 2, 2), (6, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compact_strides_are_pytorchs(device, shape, channels_last):
+    """The rows get the strides ``torch.empty`` gives their shape in x's layout (size-1 dims
+    included; a map both contiguous and channels_last counts as contiguous)."""
+    fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+    x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+    out = torch.contiguous_format if x.is_contiguous() else fmt
+    for mask in (torch.tensor([1, 0, 1, 1, 0, 1]), torch.zeros(6), torch.ones(6)):
+        rows, _ = compact(x, mask.bool().to(device))
+        assert rows.stride() == torch.empty(rows.shape, memory_format=out).stride()
+        assert torch.equal(rows, x[mask.bool().to(device)])
+
+
 def test_compact_large_rows(device):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 256 * 32 * 33 + 3, generator=gen).to(device)  # odd row length: narrow vectors on GPU

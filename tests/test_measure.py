@@ -308,7 +308,7 @@ def test_throughput_bench_tiny_run(tmp_path, capsys):
     rows = result["rows"]
     assert [r["target_reduction"] for r in rows] == [0.0, 0.5] and result["seconds"] > 0
     for r in rows:
-        assert set(r["images_per_s"]) == {"backbone", "backbone_stream", "reference", "cascade", "streaming"}
+        assert set(r["images_per_s"]) == {"backbone", "reference", "cascade", "streaming"}
         assert r["exits_agree_with_reference"] and r["streaming_agrees_with_cascade"]
         assert r["ideal_speedup"]["time"] > 0 and r["seconds"] > 0
         for mode, (lo, hi) in r["speedup_interval_95"].items():
@@ -451,3 +451,53 @@ def test_paired_ratio_cancels_a_drift_that_medians_do_not():
     assert rounds.paired_ratio("base", "fast", scale=16) == pytest.approx(32.0)
     with pytest.raises(ValueError, match="rounds"):
         Rounds({"a": [1.0, 2.0], "b": [1.0]}).paired_ratio("a", "b")
+
+
+def test_batch_interleaved_times_each_candidate_batch_by_batch(monkeypatch):
+    """On a fake clock that only the candidates move: every batch goes through the per-batch candidates (order
+    reversed from batch to batch), then into the stream, which reads the batches as it goes; each name's
+    seconds over the pass are its own, the stream's the total less the per-batch calls'; in
+    ``interleaved_rounds`` the pass is recorded under its candidates' names next to a plain candidate."""
+    from calexnet_fast.evaluation import timing
+    from calexnet_fast.evaluation.timing import BatchInterleaved, interleaved_rounds
+
+    clock, log = [0.0], []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def work(name, seconds):
+        def fn(batch):
+            log.append((name, int(batch)))
+            clock[0] += seconds
+
+        return fn
+
+    def stream(batches):
+        for b in batches:
+            log.append(("stream", int(b)))
+            clock[0] += 3.0
+            yield b
+
+    batches = [torch.tensor(i) for i in range(4)]
+    both = BatchInterleaved(
+        batches, {"backbone": work("backbone", 2.0), "cascade": work("cascade", 0.5)}, ("streaming", stream)
+    )
+    assert both.names == ("backbone", "cascade", "streaming")
+    assert both() == {"backbone": 8.0, "cascade": 2.0, "streaming": 12.0}
+    first = [("backbone", 0), ("cascade", 0), ("stream", 0), ("cascade", 1), ("backbone", 1), ("stream", 1)]
+    assert log[:6] == first and len(log) == 12
+    assert BatchInterleaved(batches, {"backbone": work("backbone", 1.0)})() == {"backbone": 4.0}
+
+    log.clear()
+    rounds = interleaved_rounds(
+        {"pass": both, "single": lambda: work("single", 7.0)(torch.tensor(-1))},
+        torch.device("cpu"),
+        repeats=2,
+        warmup=0,
+    )
+    assert rounds.seconds == {"backbone": [8.0] * 2, "cascade": [2.0] * 2, "streaming": [12.0] * 2, "single": [7.0] * 2}
+    assert log[12] == ("single", -1) and log[13] == ("single", -1)  # the second round runs in reverse order
+    for bad in ({"a": work("a", 1.0)}, {}):
+        with pytest.raises(ValueError, match="distinct candidate names"):
+            BatchInterleaved(batches, bad, ("a", stream) if bad else None)
+    with pytest.raises(ValueError, match="at least one batch"):
+        BatchInterleaved([], {"backbone": work("backbone", 1.0)})

@@ -19,7 +19,11 @@ At each point:
   real cascade runs folded heads on compacted batches);
 * throughput is measured against the frozen backbone alone on the same device, dtype, batch size, memory
   format and images (one decoded, normalised tensor: only model work is timed), in interleaved rounds
-  (:func:`~.timing.interleaved_rounds`); images/s is the median over rounds, a measured speedup the median
+  (:func:`~.timing.interleaved_rounds`; on CPU each round is one pass over the timed batches, every batch
+  going through the backbone and the cascade in turn and then into the stream,
+  :class:`~.timing.BatchInterleaved`, so that all of them meet the same stretches of a shared machine's speed;
+  on CUDA, where energy is read per call, one call of each per round); images/s is the median over rounds, a
+  measured speedup the median
   of the per-round ratios to the backbone timed in the same round (:meth:`~.timing.Rounds.paired_ratio`: the
   machine's drift between rounds cancels; ``speedup`` per batch, ``speedup_streaming`` streaming:
   :func:`mode_key`), with its 95 % interval (``speedup_interval_95``: :meth:`~.timing.Rounds.paired_interval`);
@@ -48,7 +52,7 @@ from ..cascades import StreamingCascade
 from ..flops import FlopsProfile, exit_histogram
 from .pareto import aggregate, pareto_envelope
 from .points import point_metrics
-from .timing import PowerMeter, TimingConfig, interleaved_rounds, sync, timing_subset
+from .timing import BatchInterleaved, PowerMeter, TimingConfig, interleaved_rounds, sync, timing_subset
 
 __all__ = ["MODES", "frontiers", "headline", "measure_points", "mode_key", "stage_times", "time_ideal"]
 
@@ -222,8 +226,13 @@ def measure_points(
 
         return call
 
-    fns = {"backbone": timed(lambda batches: (backbone(xb) for xb in batches))}
-    fns |= {_CANDIDATE[m]: timed(runs[m]) for m in modes}
+    if meter is None:  # CPU: no energy to record per call; interleaved batch by batch against the machine's noise
+        per_batch = {"backbone": backbone} | ({"cascade": cascade} if "batch" in modes else {})
+        stream = ("streaming", streaming.stream) if "stream" in modes else None
+        fns = {"pass": BatchInterleaved(timed_batches, per_batch, stream, device)}
+    else:
+        fns = {"backbone": timed(lambda batches: (backbone(xb) for xb in batches))}
+        fns |= {_CANDIDATE[m]: timed(runs[m]) for m in modes}
     stage_s, head_s = stage_times(cascade, timed_batches[0], device, cfg.repeats) if n_timed else ([], [])
 
     rows = []

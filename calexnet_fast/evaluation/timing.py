@@ -5,8 +5,10 @@ next (so neither always runs first on a warm or a cold machine); on CUDA a call 
 on CPU with ``perf_counter``. If a candidate's slowest round took more than ``noise_tolerance`` times its
 fastest (another job got in the way), up to ``max_extra_rounds`` more rounds are run so that the median is
 not set by the disturbed ones. With a :class:`PowerMeter` (CUDA: the driver's power readings through NVML,
-sampled in a background thread) each call's energy is recorded too. ``calexnet measure`` and the
-benchmarks in ``bench/`` time everything through it (:func:`median_time`, :func:`interleaved_medians`).
+sampled in a background thread) each call's energy is recorded too. A :class:`BatchInterleaved` candidate
+interleaves several candidates batch by batch within one call and times each of them itself. ``calexnet
+measure`` and the benchmarks in ``bench/`` time everything through it (:func:`median_time`,
+:func:`interleaved_medians`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from ..availability import cascade_plan
 
 __all__ = [
     "CPU_ENERGY_NOTE",
+    "BatchInterleaved",
     "PowerMeter",
     "Rounds",
     "TimingConfig",
@@ -179,6 +182,76 @@ def _timed(fn: Callable[[], object], device: torch.device, meter: PowerMeter | N
     return dt, (meter.watts * dt if meter.watts is not None else None)
 
 
+class BatchInterleaved:
+    """Candidates interleaved batch by batch: one candidate of :func:`interleaved_rounds` that times itself.
+
+    A call is one pass over ``batches``: each batch goes through every per-batch candidate (``per_batch``:
+    name -> ``f(batch)``, each call timed on its own, their order reversed from one batch to the next), then
+    into the stream candidate (``stream``: ``(name, f)``, ``f(batches)`` an iterable, consumed to its end, that
+    reads the batches as it goes), whose time is the pass's total less the per-batch calls'. The call returns
+    every name's seconds over the pass. Two whole streams timed back to back meet different stretches of a
+    shared machine's speed; interleaved batch by batch, the candidates meet the same ones, so the ratio of
+    their per-pass times varies far less from pass to pass. (The price: a stream's queued rows may leave the
+    caches between two of its batches, as they may under any other work done between batches.) On CUDA each
+    call is timed between its own events on the current stream, with no synchronisation inside the pass; no
+    energy is recorded for these candidates.
+    """
+
+    def __init__(
+        self,
+        batches: list[torch.Tensor],
+        per_batch: dict[str, Callable[[torch.Tensor], object]],
+        stream: tuple[str, Callable[[Iterator[torch.Tensor]], Iterable[object]]] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        names = [*per_batch, *([stream[0]] if stream is not None else [])]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"BatchInterleaved: expected distinct candidate names, got {names}")
+        if not batches:
+            raise ValueError("BatchInterleaved: expected at least one batch, got none")
+        self.batches, self.per_batch, self.stream = list(batches), dict(per_batch), stream
+        self.device = device or torch.device("cpu")
+        self.names = tuple(names)
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def __call__(self) -> dict[str, float]:
+        marks: dict[str, list[tuple]] = {name: [] for name in self.per_batch}
+
+        def feed() -> Iterator[torch.Tensor]:
+            for i, batch in enumerate(self.batches):
+                order = list(self.per_batch.items())
+                for name, fn in order[::-1] if i % 2 else order:
+                    start = self._mark()
+                    fn(batch)
+                    marks[name].append((start, self._mark()))
+                yield batch
+
+        start = self._mark()
+        for _ in feed() if self.stream is None else self.stream[1](feed()):
+            pass
+        end = self._mark()
+        if self.device.type == "cuda":
+            end.synchronize()
+
+            def span(a, b) -> float:
+                return a.elapsed_time(b) / 1e3
+        else:
+
+            def span(a, b) -> float:
+                return b - a
+
+        seconds = {name: sum(span(a, b) for a, b in pairs) for name, pairs in marks.items()}
+        if self.stream is not None:
+            seconds[self.stream[0]] = span(start, end) - sum(seconds.values())
+        return seconds
+
+
 @dataclass
 class Rounds:
     """Every timed round of :func:`interleaved_rounds`: ``seconds[name]`` and ``joules[name]`` (empty
@@ -239,7 +312,8 @@ def interleaved_rounds(
     """Time several candidates in interleaved rounds (fair on a noisy machine).
 
     Args:
-        fns: name -> a call doing the work to time.
+        fns: name -> a call doing the work to time, or a :class:`BatchInterleaved` (under any key), whose
+            calls time its candidates themselves (recorded under their own names).
         device: where the work runs (CUDA: timed with CUDA events; CPU: ``perf_counter``).
         repeats: rounds; each runs every candidate once, in reversed order on odd rounds.
         warmup: untimed calls of every candidate (in turn) before the rounds.
@@ -247,19 +321,26 @@ def interleaved_rounds(
             slowest round is over ``noise_tolerance`` times its fastest.
         meter: a :class:`PowerMeter` to record each call's energy (``Rounds.joules``).
     """
-    names = list(fns)
+    keys = list(fns)
     for _ in range(warmup):
-        for name in names:
-            fns[name]()
+        for key in keys:
+            fns[key]()
+    names = [n for key, fn in fns.items() for n in (fn.names if isinstance(fn, BatchInterleaved) else (key,))]
     times: dict[str, list[float]] = {name: [] for name in names}
     energy: dict[str, list[float]] = {name: [] for name in names}
     r = 0
     while r < repeats or (r < repeats + max_extra_rounds and noisy(times, noise_tolerance)):
-        for name in names if r % 2 == 0 else names[::-1]:
-            dt, joules = _timed(fns[name], device, meter)
-            times[name].append(dt)
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            fn = fns[key]
+            if isinstance(fn, BatchInterleaved):  # times its candidates itself
+                sync(device)
+                for name, dt in fn().items():
+                    times[name].append(dt)
+                continue
+            dt, joules = _timed(fn, device, meter)
+            times[key].append(dt)
             if joules is not None:
-                energy[name].append(joules)
+                energy[key].append(joules)
         r += 1
     return Rounds(times, {name: v for name, v in energy.items() if v})
 
